@@ -1,0 +1,3 @@
+"""LeapAlign in JAX/Flax: reward alignment of flow-matching text-to-image models."""
+
+__version__ = "0.1.0"

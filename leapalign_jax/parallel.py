@@ -1,0 +1,118 @@
+"""Device mesh, logical-axis rules and shardings.
+
+Every kernel in the models carries logical axis names ("embed", "mlp", "heads"); one table
+of rules maps them to the mesh axes ("data", "fsdp", "tensor"). FSDP versus tensor
+parallelism is therefore a config change, and one device is simply the 1x1x1 mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
+
+# logical name -> mesh axis (or None = replicated). Weights are split along their model
+# width by FSDP and along heads / MLP width by tensor parallelism.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one entry of `shape` may be -1 (all the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in shape]
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor)")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: use positive sizes and at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but "
+            f"{len(devices)} are present; set config.mesh.shape to match (e.g. [-1, 1, 1])")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drops mesh axes that do not divide their dimension (tiny test models, odd widths)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep = []
+        for name in names:
+            if dim % (mesh.shape[name] * math.prod(mesh.shape[k] for k in keep)) == 0:
+                keep.append(name)
+        fitted.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh,
+                      rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of (possibly `nn.Partitioned`-boxed) abstract arrays.
+
+    `abstract_tree` usually comes from `jax.eval_shape(model.init, ...)` or from
+    `jax.eval_shape` of a train-state constructor over boxed params; leaves without logical
+    names are replicated. The result has the structure of the *unboxed* tree.
+    """
+    logical_specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    shapes = nn.meta.unbox(abstract_tree)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, _fit(spec, tuple(leaf.shape), mesh)),
+        mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data-parallel mesh axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Places a host batch (global arrays, batch-first) on the mesh.
+
+    Leaves whose leading dimension does not divide the data-parallel size are replicated
+    (e.g. shared position ids); single-host only: multi-host runs build global arrays with
+    `jax.make_array_from_process_local_data`.
+    """
+    n = data_parallel_size(mesh)
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        sharding = batch_sharding(mesh) if x.ndim and x.shape[0] % n == 0 else replicated(mesh)
+        return jax.device_put(x, sharding)
+    return jax.tree.map(put, tree)
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-host job (TPU pod slice / multi-node GPU) when one is detected.
+
+    On TPU VMs `jax.distributed.initialize()` discovers the coordinator by itself; on a
+    single host it is skipped so laptops and CI run unchanged.
+    """
+    import os
+    multi = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
+                                          "SLURM_NTASKS"))
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()

@@ -1,0 +1,48 @@
+"""The frozen plumbing every alignment method shares: velocity, decoder, reward.
+
+A method never sees a concrete model. It receives a `Pipeline` (static, closed over by
+`jax.jit`) and the frozen parameters as an ordinary pytree argument, so the same method
+code drives a 12B FLUX.1-dev, the toy shapes-world model, or a linear velocity in a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+Params = Any  # a pytree of arrays
+Cond = Any  # per-sample conditioning pytree (text tokens, pooled vector, ids, guidance)
+Batch = dict[str, Any]  # {"cond": Cond, ...}; leaves are batch-first
+
+# (params, x (B, L, C), sigma (B,), cond) -> velocity (B, L, C)
+VelocityFn = Callable[[Params, jax.Array, jax.Array, Cond], jax.Array]
+# (frozen, latents (B, L, C)) -> images (B, H, W, 3) in [0, 1]
+DecodeFn = Callable[[Params, jax.Array], jax.Array]
+# (frozen, images, batch) -> rewards (B,)
+RewardFn = Callable[[Params, jax.Array, Batch], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Static description of the generator and its frozen judges.
+
+    Attributes:
+      velocity: the (guided) velocity `v_theta(x, sigma, cond)`.
+      decode: frozen, differentiable latent -> image map (VAE decoder).
+      reward: frozen, differentiable image -> score map, higher is better.
+      sigmas: sampling schedule `sigma_0 = 1 > ... > sigma_T = 0`, shape (T + 1,).
+      latent_shape: per-sample latent shape `(L, C)` (packed tokens).
+    """
+
+    velocity: VelocityFn
+    decode: DecodeFn
+    reward: RewardFn
+    sigmas: np.ndarray
+    latent_shape: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1

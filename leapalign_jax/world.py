@@ -1,0 +1,153 @@
+"""Worlds: everything a run needs besides the method — generator, judges, prompts.
+
+A world bundles the `Pipeline` (velocity, decoder, reward, schedule), the trainable
+parameters with their logical sharding axes, the frozen parameters, and a deterministic
+prompt stream. `config.world.name` picks one:
+
+- "random_flux": a tiny randomly initialised Flux with random text embeddings and a
+  "redness" reward. Needs nothing on disk; used by tests and for smoke runs.
+- "shapes": the offline shapes world (leapalign_jax.toy), the default experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from leapalign_jax import flow
+from leapalign_jax.pipeline import Batch, Params, Pipeline
+
+
+@dataclasses.dataclass
+class World:
+    """What the trainer and the evaluator need.
+
+    Attributes:
+      pipe: the static pipeline closed over by the jitted step.
+      params: trainable generator parameters (plain arrays).
+      param_axes: `jax.eval_shape` of the model init (leaves boxed with logical axis
+        names), used to shard params and optimizer state; None replicates everything.
+      frozen: frozen parameters passed to decode/reward (and methods' references).
+      train_batch: `step -> Batch` of numpy arrays; deterministic in step, so the data
+        position of a resumed run is its step.
+      eval_batch: a fixed batch of evaluation prompts for image grids.
+      fingerprint: a JSON-able description checked against checkpoints on resume.
+    """
+
+    pipe: Pipeline
+    params: Params
+    param_axes: Any
+    frozen: Params
+    train_batch: Callable[[int], Batch]
+    eval_batch: Batch
+    fingerprint: dict
+
+
+def random_flux_config() -> ml_collections.ConfigDict:
+    """Knobs of the "random_flux" world."""
+    c = ml_collections.ConfigDict()
+    c.name = "random_flux"
+    c.latent_hw = 4  # packed latent is latent_hw x latent_hw tokens
+    c.num_prompts = 32  # size of the random "prompt" table
+    c.text_len = 8  # text tokens per prompt
+    c.guidance = 3.5  # distilled-guidance input (used when the model has guidance_embed)
+    c.num_steps = 8  # Euler steps of the rollout (T)
+    c.num_eval_prompts = 8
+    # The Flux architecture (FluxConfig fields); tiny so a step is milliseconds on CPU.
+    c.model = ml_collections.ConfigDict(dict(
+        in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32, mlp_ratio=2.0,
+        num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), theta=10000,
+        qkv_bias=True, guidance_embed=True, dtype="float32", remat="none"))
+    return c
+
+
+def flux_velocity(model: Any, img_ids: np.ndarray, txt_ids: np.ndarray,
+                  guidance: float | None) -> Callable[..., jax.Array]:
+    """`velocity(params, x, sigma, cond)` for a Flux module; cond = {"txt", "y"}."""
+
+    def velocity(params, x, sigma, cond):
+        b = x.shape[0]
+        g = None if guidance is None else jnp.full((b,), guidance, x.dtype)
+        return model.apply(
+            {"params": params}, x, jnp.broadcast_to(img_ids, (b,) + img_ids.shape),
+            cond["txt"], jnp.broadcast_to(txt_ids, (b,) + txt_ids.shape), sigma, cond["y"], g)
+
+    return velocity
+
+
+def _redness_decode(frozen: Params, x: jax.Array) -> jax.Array:
+    """Parameter-free stand-in decoder: first 3 latent channels per token -> RGB pixels."""
+    del frozen
+    side = int(round(x.shape[1] ** 0.5))
+    return jax.nn.sigmoid(x[..., :3].reshape(x.shape[0], side, side, 3))
+
+
+def _redness_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
+    """How much redder than green/blue an image is, in (-1, 1)."""
+    del frozen, batch
+    return jnp.mean(images[..., 0] - 0.5 * (images[..., 1] + images[..., 2]), axis=(1, 2))
+
+
+def build_random_flux(config: ml_collections.ConfigDict) -> World:
+    from leapalign_jax.models.flux import Flux, FluxConfig
+
+    wc = config.world
+    model = Flux(FluxConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                               for k, v in wc.model.to_dict().items()}))
+    mc = model.config
+    seq = wc.latent_hw * wc.latent_hw
+    img_ids = flow.image_ids(wc.latent_hw, wc.latent_hw)
+    txt_ids = flow.text_ids(wc.text_len)
+    guidance = wc.guidance if mc.guidance_embed else None
+    table = np.random.default_rng(config.seed + 1)
+    txt_table = table.standard_normal((wc.num_prompts, wc.text_len, mc.context_in_dim),
+                                      dtype=np.float32)
+    y_table = table.standard_normal((wc.num_prompts, mc.vec_in_dim), dtype=np.float32)
+
+    def batch_of(ids: np.ndarray) -> Batch:
+        return {"cond": {"txt": txt_table[ids], "y": y_table[ids]},
+                "prompt_id": ids.astype(np.int32)}
+
+    def train_batch(step: int) -> Batch:
+        rng = np.random.default_rng([config.seed, step])
+        return batch_of(rng.integers(0, wc.num_prompts, config.train.batch_size))
+
+    example = (jnp.zeros((1, seq, mc.in_channels)), jnp.zeros((1, seq, 3)),
+               jnp.zeros((1, wc.text_len, mc.context_in_dim)), jnp.zeros((1, wc.text_len, 3)),
+               jnp.zeros((1,)), jnp.zeros((1, mc.vec_in_dim)),
+               jnp.zeros((1,)) if mc.guidance_embed else None)
+    init = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
+    param_axes = jax.eval_shape(init, jax.random.key(0))
+    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)))(jax.random.key(config.seed))
+    pipe = Pipeline(
+        velocity=flux_velocity(model, img_ids, txt_ids, guidance),
+        decode=_redness_decode, reward=_redness_reward,
+        sigmas=flow.flux_sigmas(wc.num_steps, seq), latent_shape=(seq, mc.in_channels))
+    return World(pipe=pipe, params=params, param_axes=param_axes, frozen={},
+                 train_batch=train_batch,
+                 eval_batch=batch_of(np.arange(wc.num_eval_prompts) % wc.num_prompts),
+                 fingerprint={"world": "random_flux", "model": wc.model.to_dict(),
+                              "latent_shape": [seq, mc.in_channels]})
+
+
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], World]] = {
+    "random_flux": build_random_flux,
+}
+
+
+def build_world(config: ml_collections.ConfigDict) -> World:
+    """The world named by `config.world.name`."""
+    name = config.world.name
+    if name == "shapes":
+        from leapalign_jax.toy import world as shapes_world
+        return shapes_world.build(config)
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown world {name!r}; set config.world.name to one of "
+                         f"{sorted(_BUILDERS) + ['shapes']}")
+    return _BUILDERS[name](config)

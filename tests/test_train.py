@@ -1,0 +1,128 @@
+"""The trainer on the tiny random Flux: reward rises, resume is exact, bad config fails."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leapalign_jax import config_lib, sampling, train
+from leapalign_jax.world import build_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(steps=12, **train_overrides):
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "random_flux.py"))
+    config.train.steps = steps
+    config.train.image_every = 0
+    config.train.log_every = 4
+    config.train.checkpoint_every = 100
+    config.train.update(train_overrides)
+    return config
+
+
+def mean_reward(world, params):
+    images = sampling.make_sample_fn(world.pipe)(params, world.frozen, world.eval_batch,
+                                                 jax.random.key(7))
+    return float(jnp.mean(world.pipe.reward(world.frozen, images, world.eval_batch)))
+
+
+def test_leapalign_raises_the_reward(tmp_path):
+    config = tiny_config(steps=12)
+    world = build_world(config)
+    before = mean_reward(world, world.params)
+    state = train.train_and_evaluate(config, str(tmp_path), world)
+    after = mean_reward(world, state.params)
+    assert int(state.step) == 12
+    assert after > before + 0.05, (before, after)
+    assert os.path.isdir(tmp_path / "checkpoints" / "12")
+
+
+def test_resume_is_exact(tmp_path):
+    config = tiny_config(steps=6, checkpoint_every=3)
+    world = build_world(config)
+    straight = train.train_and_evaluate(config, str(tmp_path / "a"), world)
+
+    half = tiny_config(steps=3, checkpoint_every=3)
+    train.train_and_evaluate(half, str(tmp_path / "b"), world)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "b"), world)
+
+    assert int(resumed.step) == 6
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_step_leaves_state_unchanged():
+    config = tiny_config()
+    world = build_world(config)
+    opt = train.make_optimizer(config.optim)
+    state = train.create_train_state(world.params, opt, 0)
+    batch = world.train_batch(0)
+    batch["cond"]["y"] = batch["cond"]["y"] * np.nan
+    step = jax.jit(train.make_train_step(world.pipe, config.method, opt, 0.9))
+    new, metrics = step(state, world.frozen, batch)
+    assert float(metrics["nonfinite"]) == 1.0 and int(new.nonfinite_run) == 1
+    assert int(new.step) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.ema_params, state.opt_state)),
+                    jax.tree.leaves((new.params, new.ema_params, new.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("method.alpha", 1.5, "alpha"),
+    ("method.tau", 0.0, "tau"),
+    ("method.min_idx", 7, "step range"),
+    ("train.batch_size", 0, "batch_size"),
+])
+def test_validate_rejects_bad_knobs(key, value, match):
+    config = tiny_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(config, data_parallel=1, num_steps=config.world.num_steps)
+
+
+def test_validate_rejects_batch_not_divisible_and_unknown_method_key():
+    config = tiny_config()
+    config.train.batch_size = 6
+    with pytest.raises(config_lib.ConfigError, match="divisible"):
+        config_lib.validate(config, data_parallel=4, num_steps=8)
+    config = tiny_config()
+    config.method.unlock()
+    config.method.alhpa = 0.3
+    with pytest.raises(config_lib.ConfigError, match="alhpa"):
+        config_lib.validate(config, data_parallel=1, num_steps=8)
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "-m", "leapalign_jax.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_main_trains_then_samples_and_rejects_bad_input(tmp_path):
+    workdir = str(tmp_path / "run")
+    common = ["--config", "configs/random_flux.py", "--workdir", workdir,
+              "--config.train.steps=2", "--config.train.log_every=1"]
+    ok = run_main(*common)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    assert any(f.startswith("events") for f in os.listdir(workdir))
+    assert os.path.exists(os.path.join(workdir, "images", "000002.png"))
+
+    sample = run_main(*common, "--config.task=sample")
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert os.path.exists(os.path.join(workdir, "samples", "000002.png"))
+
+    bad = run_main(*common, "--config.method.alpha=2.0")
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert "alpha" in last and "Traceback" not in bad.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing destroyed
+
+    typo = run_main(*common, "--config.method.alhpa=0.1")
+    assert typo.returncode != 0 and "alhpa" in typo.stderr
