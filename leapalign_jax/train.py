@@ -134,15 +134,24 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
 
 def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState,
                        shardings: Any) -> tuple[TrainState, dict] | None:
-    """The latest checkpoint restored onto `shardings`, or None when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+    """The newest readable checkpoint restored onto `shardings`, or None when there is none.
+
+    Orbax finalises a checkpoint by renaming it, so a write cut short is never listed;
+    a listed one that fails to read (a damaged file) is skipped with a warning and the
+    one before it is used.
+    """
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+            logging.warning("checkpoint %d in %s is unreadable (%s); trying an older one",
+                            step, manager.directory, str(e).splitlines()[0][:200])
+            continue
+        return restored.state, restored.meta
+    return None
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, world: World):
@@ -153,6 +162,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, world: World):
     shardings = state_shardings(world, optimizer, mesh, rules)
     state = jax.jit(lambda p: create_train_state(p, optimizer, config.seed),
                     out_shardings=shardings)(world.params)
+    if config.train.start_fresh:
+        _set_aside_checkpoints(workdir)
     manager = _checkpoint_manager(workdir, config.train.keep_checkpoints)
     restored = restore_checkpoint(manager, state, shardings)
     if restored is not None:
@@ -164,6 +175,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, world: World):
                 " use another --workdir or pass --config.train.start_fresh=True")
         logging.info("restored step %d from %s", int(state.step), workdir)
     return mesh, optimizer, shardings, state, manager
+
+
+def _set_aside_checkpoints(workdir: str) -> None:
+    """Moves an existing checkpoint folder out of the way; nothing is deleted."""
+    path = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(path) and os.listdir(path):
+        aside = f"{path}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(path, aside)
+        logging.warning("start_fresh: moved the previous checkpoints to %s", aside)
 
 
 def trained_params(config: ml_collections.ConfigDict, workdir: str, world: World,

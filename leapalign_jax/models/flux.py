@@ -1,0 +1,402 @@
+"""The Flux MMDiT: the rectified-flow velocity network `v_theta(x_t, t, c)` of FLUX.1.
+
+Same maths as the reference (Black Forest Labs' `flux` and diffusers'
+`FluxTransformer2DModel`): a sinusoidal embedding of `1000 * t` (and of the distilled
+guidance) plus the pooled text vector make the conditioning vector `vec`; `depth`
+double-stream blocks keep image and text tokens in separate weights but attend jointly over
+`[txt, img]`; `depth_single_blocks` single-stream blocks run fused attention + MLP over the
+concatenated sequence; an adaLN final layer maps image tokens back to latent channels.
+Positions enter only through a 3-axis rotary embedding of the token ids.
+
+Module and parameter names follow the BFL checkpoint layout (`double_blocks_3/img_attn/qkv`
+is `double_blocks.3.img_attn.qkv`), so the weight loader is a rename plus a transpose.
+Every kernel carries logical axis names ("embed", "mlp", "heads") for sharding rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REMAT_POLICIES = {
+    "none": None,
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+_EPS = 1e-6  # every LayerNorm / RMSNorm in Flux
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """Architecture of a Flux transformer (field names as in BFL's `FluxParams`).
+
+    Attributes:
+      in_channels: channels of a packed latent token (16 VAE channels x 2 x 2 patch = 64).
+      out_channels: channels of the predicted velocity; None means `in_channels`.
+      vec_in_dim: width of the pooled text vector `y` (CLIP-L: 768).
+      context_in_dim: width of the text tokens `txt` (T5-XXL: 4096).
+      hidden_size: model width.
+      mlp_ratio: MLP hidden width / model width.
+      num_heads: attention heads; head dim is `hidden_size // num_heads`.
+      depth: number of double-stream blocks.
+      depth_single_blocks: number of single-stream blocks.
+      axes_dim: rotary dims per id axis (time, row, column); they sum to the head dim.
+      theta: rotary base frequency.
+      qkv_bias: whether the qkv projections have a bias.
+      guidance_embed: whether the model takes a distilled-guidance input (FLUX.1-dev).
+      dtype: compute dtype, "float32" or "bfloat16"; parameters always stay float32.
+      remat: rematerialisation of each block: "none", "full" or "dots_saveable".
+    """
+
+    in_channels: int = 64
+    out_channels: int | None = None
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        # Normalise so configs read from JSON / ml_collections compare equal to presets.
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if self.num_heads <= 0 or self.hidden_size % self.num_heads:
+            raise ValueError(f"FluxConfig: hidden_size {self.hidden_size} must be divisible by "
+                             f"num_heads {self.num_heads}; change one of them")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim or any(a <= 0 or a % 2 for a in self.axes_dim):
+            raise ValueError(f"FluxConfig: axes_dim {self.axes_dim} must be positive even numbers "
+                             f"summing to the head dim {head_dim}; fix axes_dim")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"FluxConfig: unknown dtype {self.dtype!r}; "
+                             f"use one of {sorted(_DTYPES)}")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"FluxConfig: unknown remat {self.remat!r}; "
+                             f"use one of {sorted(_REMAT_POLICIES)}")
+        if min(self.in_channels, self.vec_in_dim, self.context_in_dim, self.out_channels) <= 0:
+            raise ValueError("FluxConfig: channel widths must be positive; fix in_channels, "
+                             "out_channels, vec_in_dim or context_in_dim")
+        if self.depth < 0 or self.depth_single_blocks < 0:
+            raise ValueError("FluxConfig: depth and depth_single_blocks must be >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+
+FLUX_DEV = FluxConfig()
+FLUX_SCHNELL = FluxConfig(guidance_embed=False)
+
+
+def tiny_config(**overrides: Any) -> FluxConfig:
+    """A ~78k-parameter Flux for tests (head dim 16); keyword arguments override any field."""
+    fields = dict(in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32,
+                  num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
+    fields.update(overrides)
+    return FluxConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], *, dtype: Any,
+           name: str | None = None, use_bias: bool = True) -> nn.Dense:
+    """A Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0,
+                       time_factor: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding of `time_factor * t`, cosines first (BFL / diffusers flipped)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (time_factor * t.astype(jnp.float32))[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope(pos: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary angles of one id axis: cos and sin, each (..., dim // 2)."""
+    omega = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = pos.astype(jnp.float32)[..., None] * omega
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def embed_nd(ids: jax.Array, axes_dim: Sequence[int], theta: float) -> tuple[jax.Array, jax.Array]:
+    """EmbedND: 3-axis RoPE of ids (B, L, n_axes) -> cos, sin of shape (B, L, 1, head_dim // 2).
+
+    Axis i owns `axes_dim[i] // 2` consecutive rotation pairs of every head.
+    """
+    parts = [rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)]
+    cos = jnp.concatenate([c for c, _ in parts], axis=-1)
+    sin = jnp.concatenate([s for _, s in parts], axis=-1)
+    return cos[:, :, None], sin[:, :, None]
+
+
+def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of x (B, L, H, D) by the angles of pe."""
+    cos, sin = pe
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary multi-head attention over (B, L, H, D) -> (B, L, H * D); softmax in fp32."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """Affine-free LayerNorm (eps 1e-6), computed in fp32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + _EPS)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: `(1 + scale) * LayerNorm(x) + shift`."""
+    return (1 + scale) * layer_norm(x) + shift
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class MLPEmbedder(nn.Module):
+    """`out_layer(silu(in_layer(x)))`: embeds timesteps, guidance and the pooled text."""
+
+    hidden_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _dense(self.hidden_size, (None, "embed"), dtype=self.dtype, name="in_layer")(x)
+        return _dense(self.hidden_size, ("mlp", "embed"), dtype=self.dtype,
+                      name="out_layer")(nn.silu(x))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the head dim with a learned scale, in fp32."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                  (None,)),
+                           (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + _EPS)
+        return (xf * scale).astype(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """Separate RMSNorms on queries and keys (stabilises attention logits)."""
+
+    @nn.compact
+    def __call__(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return RMSNorm(name="query_norm")(q), RMSNorm(name="key_norm")(k)
+
+
+class Modulation(nn.Module):
+    """adaLN-Zero parameters from `vec`: (shift, scale, gate), twice for a double block."""
+
+    hidden_size: int
+    double: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, vec: jax.Array) -> list[jax.Array]:
+        mult = 6 if self.double else 3
+        out = _dense(mult * self.hidden_size, ("embed", "mlp"), dtype=self.dtype,
+                     name="lin")(nn.silu(vec))
+        return jnp.split(out[:, None, :], mult, axis=-1)
+
+
+class SelfAttention(nn.Module):
+    """One stream's attention weights: fused qkv, QK RMSNorm, output projection.
+
+    In a double-stream block the two streams attend jointly, so the block calls
+    `qkv_heads` and `project` separately around one shared attention.
+    """
+
+    hidden_size: int
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.qkv = _dense(3 * self.hidden_size, ("embed", "heads"), dtype=self.dtype,
+                          use_bias=self.qkv_bias)
+        self.norm = QKNorm()
+        self.proj = _dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype)
+
+    def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, L, hidden) -> normalised q, k and v, each (B, L, heads, head_dim)."""
+        qkv = self.qkv(x).reshape(*x.shape[:2], 3, self.num_heads, -1)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = self.norm(q, k)
+        return q, k, v
+
+    def project(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: image and text streams with their own weights, joint attention."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, img: jax.Array, txt: jax.Array, vec: jax.Array,
+                 pe: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        c, dt = self.config, self.config.compute_dtype
+        img_mod1_shift, img_mod1_scale, img_mod1_gate, img_mod2_shift, img_mod2_scale, \
+            img_mod2_gate = Modulation(c.hidden_size, True, dt, name="img_mod")(vec)
+        txt_mod1_shift, txt_mod1_scale, txt_mod1_gate, txt_mod2_shift, txt_mod2_scale, \
+            txt_mod2_gate = Modulation(c.hidden_size, True, dt, name="txt_mod")(vec)
+        img_attn = SelfAttention(c.hidden_size, c.num_heads, c.qkv_bias, dt, name="img_attn")
+        txt_attn = SelfAttention(c.hidden_size, c.num_heads, c.qkv_bias, dt, name="txt_attn")
+
+        img_q, img_k, img_v = img_attn.qkv_heads(modulate(img, img_mod1_shift, img_mod1_scale))
+        txt_q, txt_k, txt_v = txt_attn.qkv_heads(modulate(txt, txt_mod1_shift, txt_mod1_scale))
+        # Joint attention over [txt, img], the order the ids (and hence pe) use.
+        attn = attention(jnp.concatenate([txt_q, img_q], axis=1),
+                         jnp.concatenate([txt_k, img_k], axis=1),
+                         jnp.concatenate([txt_v, img_v], axis=1), pe)
+        txt_out, img_out = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+
+        def gelu_mlp(x: jax.Array, prefix: str) -> jax.Array:
+            # BFL's nn.Sequential(Linear, GELU(tanh), Linear): params `{prefix}.0`, `{prefix}.2`.
+            x = _dense(c.mlp_hidden_dim, ("embed", "mlp"), dtype=dt, name=f"{prefix}_0")(x)
+            return _dense(c.hidden_size, ("mlp", "embed"), dtype=dt, name=f"{prefix}_2")(
+                nn.gelu(x, approximate=True))
+
+        img = img + img_mod1_gate * img_attn.project(img_out)
+        img = img + img_mod2_gate * gelu_mlp(modulate(img, img_mod2_shift, img_mod2_scale),
+                                             "img_mlp")
+        txt = txt + txt_mod1_gate * txt_attn.project(txt_out)
+        txt = txt + txt_mod2_gate * gelu_mlp(modulate(txt, txt_mod2_shift, txt_mod2_scale),
+                                             "txt_mlp")
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence, with fused in/out linears."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, vec: jax.Array,
+                 pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+        c, dt = self.config, self.config.compute_dtype
+        shift, scale, gate = Modulation(c.hidden_size, False, dt, name="modulation")(vec)
+        h = _dense(3 * c.hidden_size + c.mlp_hidden_dim, ("embed", "mlp"), dtype=dt,
+                   name="linear1")(modulate(x, shift, scale))
+        qkv, mlp = h[..., :3 * c.hidden_size], h[..., 3 * c.hidden_size:]
+        qkv = qkv.reshape(*x.shape[:2], 3, c.num_heads, c.head_dim)
+        q, k = QKNorm(name="norm")(qkv[:, :, 0], qkv[:, :, 1])
+        attn = attention(q, k, qkv[:, :, 2], pe)
+        out = _dense(c.hidden_size, ("mlp", "embed"), dtype=dt, name="linear2")(
+            jnp.concatenate([attn, nn.gelu(mlp, approximate=True)], axis=-1))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    """Final adaLN (BFL order: shift then scale) and projection to latent channels."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
+        c, dt = self.config, self.config.compute_dtype
+        mod = _dense(2 * c.hidden_size, ("embed", "mlp"), dtype=dt,
+                     name="adaLN_modulation_1")(nn.silu(vec))
+        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+        return _dense(c.out_channels, ("embed", None), dtype=dt, name="linear")(
+            modulate(x, shift, scale))
+
+
+def _maybe_remat(block: type[nn.Module], remat: str) -> type[nn.Module]:
+    if remat == "none":
+        return block
+    return nn.remat(block, policy=_REMAT_POLICIES[remat], prevent_cse=True)
+
+
+class Flux(nn.Module):
+    """The Flux transformer: packed latent tokens + text -> velocity `v_theta(x_t, t, c)`."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, img: jax.Array, img_ids: jax.Array, txt: jax.Array, txt_ids: jax.Array,
+                 timesteps: jax.Array, y: jax.Array,
+                 guidance: jax.Array | None = None) -> jax.Array:
+        """Velocity for a batch.
+
+        Args:
+          img: (B, L, in_channels) packed latent tokens `x_t`.
+          img_ids: (B, L, 3) image token ids (0, row, col).
+          txt: (B, S, context_in_dim) text tokens (T5).
+          txt_ids: (B, S, 3) text token ids (zeros in FLUX.1).
+          timesteps: (B,) flow time `t` in [0, 1] (1 = pure noise).
+          y: (B, vec_in_dim) pooled text vector (CLIP).
+          guidance: (B,) distilled guidance scale; required iff `config.guidance_embed`.
+
+        Returns:
+          (B, L, out_channels) float32 velocity.
+        """
+        c, dt = self.config, self.config.compute_dtype
+        if c.guidance_embed and guidance is None:
+            raise ValueError("Flux: this model has guidance_embed=True; pass guidance (B,)")
+        if not c.guidance_embed and guidance is not None:
+            raise ValueError("Flux: this model has no guidance embedding; pass guidance=None")
+
+        img = _dense(c.hidden_size, (None, "embed"), dtype=dt, name="img_in")(img)
+        vec = MLPEmbedder(c.hidden_size, dt, name="time_in")(timestep_embedding(timesteps))
+        if c.guidance_embed:
+            vec = vec + MLPEmbedder(c.hidden_size, dt, name="guidance_in")(
+                timestep_embedding(guidance))
+        vec = vec + MLPEmbedder(c.hidden_size, dt, name="vector_in")(y)
+        txt = _dense(c.hidden_size, (None, "embed"), dtype=dt, name="txt_in")(txt)
+
+        pe = embed_nd(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
+
+        double = _maybe_remat(DoubleStreamBlock, c.remat)
+        for i in range(c.depth):
+            img, txt = double(c, name=f"double_blocks_{i}")(img, txt, vec, pe)
+
+        x = jnp.concatenate([txt, img], axis=1)
+        single = _maybe_remat(SingleStreamBlock, c.remat)
+        for i in range(c.depth_single_blocks):
+            x = single(c, name=f"single_blocks_{i}")(x, vec, pe)
+        img = x[:, txt.shape[1]:]
+
+        return LastLayer(c, name="final_layer")(img, vec).astype(jnp.float32)

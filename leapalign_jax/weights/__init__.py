@@ -1,0 +1,1 @@
+"""Checkpoint files -> Flax param trees, one module per model family."""
