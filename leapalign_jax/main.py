@@ -32,7 +32,7 @@ def run(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
     if config.task == "train":
-        train.train_and_evaluate(config, workdir)
+        train.train_and_report(config, workdir)
     elif config.task == "sample":
         train.sample_from_checkpoint(config, workdir)
     else:

@@ -284,3 +284,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         manager.wait_until_finished()
         signal.signal(signal.SIGTERM, previous_handler)
     return state
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+    """Trains, then (for worlds with an evaluator) writes and prints a before/after table
+    of the base model and the aligned EMA params on the world's held-out prompts."""
+    from leapalign_jax import evaluate
+
+    world = build_world(config)
+    rows: dict[str, dict] = {}
+    if world.evaluate is not None:
+        base_dir = os.path.join(workdir, "eval", "base")
+        done = os.path.join(base_dir, "results.json")
+        if os.path.exists(done):
+            with open(done, encoding="utf-8") as f:
+                rows["base"] = json.load(f)
+        else:
+            rows["base"] = world.evaluate(world.params, base_dir)
+    state = train_and_evaluate(config, workdir, world)
+    if world.evaluate is not None:
+        step = int(jax.device_get(state.step))
+        rows[f"{config.method.name} (step {step})"] = world.evaluate(
+            state.ema_params, os.path.join(workdir, "eval", f"step_{step:06d}"))
+        table = evaluate.format_table(rows)
+        with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(table)
+    return rows
+

@@ -38,6 +38,8 @@ class World:
         position of a resumed run is its step.
       eval_batch: a fixed batch of evaluation prompts for image grids.
       fingerprint: a JSON-able description checked against checkpoints on resume.
+      evaluate: `(params, out_dir) -> results` writing images, prompts.jsonl and
+        results.json under out_dir (worlds with an exact checker), or None.
     """
 
     pipe: Pipeline
@@ -47,6 +49,7 @@ class World:
     train_batch: Callable[[int], Batch]
     eval_batch: Batch
     fingerprint: dict
+    evaluate: Callable[[Params, str], dict] | None = None
 
 
 def random_flux_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,73 @@
+"""Evaluation outputs shared by worlds: image folders, prompt records, Fréchet distance.
+
+`task=evaluate` writes, for the latest checkpoint in the workdir (or the base model),
+`DIR/eval/<name>/images/<index>.png`, `prompts.jsonl` (one line per image: file, prompt,
+category, the spec asked for) and `results.json`, so an external checker can score the
+same images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+import scipy.linalg
+
+from leapalign_jax import sampling
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D), as in FID."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(covmean):  # numerical noise from sqrtm of a near-singular product
+        covmean = covmean.real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * covmean))
+
+
+def write_eval(out_dir: str, images: np.ndarray, records: Sequence[dict[str, Any]],
+               results: dict[str, Any]) -> None:
+    """Writes images/<index>.png, prompts.jsonl and results.json under `out_dir`."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    with open(os.path.join(out_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        for index, (image, record) in enumerate(zip(images, records)):
+            file = os.path.join("images", f"{index:05d}.png")
+            sampling.save_image(image, os.path.join(out_dir, file))
+            f.write(json.dumps({"file": file, **record}) + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per model, one column per metric (union, sorted)."""
+    keys = sorted({k for r in rows.values() for k, v in r.items()
+                   if isinstance(v, (int, float))})
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in rows.items():
+        cells = ["" if k not in r else str(r[k]) if isinstance(r[k], int) else f"{r[k]:.4f}"
+                 for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the latest EMA params in `workdir` (the base model if it has none)."""
+    from leapalign_jax import train
+    from leapalign_jax.world import build_world
+
+    world = build_world(config)
+    if world.evaluate is None:
+        raise ValueError(f"world {config.world.name!r} has no evaluation; use "
+                         "--config.task=sample for image grids")
+    params, step = train.trained_params(config, workdir, world)
+    name = config.get("eval_name") or f"step_{step:06d}"
+    results = world.evaluate(params, os.path.join(workdir, "eval", name))
+    logging.info("evaluation %s: %s", name, results)
+    print(format_table({name: results}))
+    return results

@@ -1,0 +1,216 @@
+"""The shapes world as a `World`: built on first use, cached, then aligned and judged.
+
+Build order (each step cached under `cache_dir/<hash of its knobs>/`): the autoencoder
+(the frozen "VAE"), the reward model (the frozen, learned "HPSv2"), then the generator
+(tiny Flux + text encoder, pretrained with the rectified-flow loss). Alignment trains
+the Flux only; the text encoder is frozen and every prompt's features are precomputed.
+Evaluation samples held-out prompts and scores them with the exact checker, the reward
+model and a Fréchet distance in the reward model's image features against renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from leapalign_jax import evaluate as evaluate_lib
+from leapalign_jax import flow, sampling
+from leapalign_jax.models.flux import Flux
+from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.toy import autoencoder, cache, checker, pretrain, prompts, reward, scenes
+from leapalign_jax.world import World
+
+
+def shapes_config() -> ml_collections.ConfigDict:
+    """Knobs of the "shapes" world."""
+    c = ml_collections.ConfigDict()
+    c.name = "shapes"
+    c.cache_dir = "cache/shapes"  # built models; reused by every run with the same knobs
+    c.seed = 0  # seed of the world's models (independent of the run's config.seed)
+    c.num_steps = 25  # Euler steps of the rollout, T (paper: 25)
+    c.eval_steps = 25  # Euler steps when evaluating (the paper evaluates with 50)
+    c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = off (one network call)
+    c.images_per_prompt = 4  # evaluation: images per held-out prompt (paper: 4)
+    c.num_grid_prompts = 16  # prompts in the PNG grids written during training
+    c.ae_steps = 1200  # autoencoder training steps
+    c.ae_batch = 32
+    c.reward_steps = 1500  # reward-model training steps
+    c.reward_batch = 32
+    c.model = ml_collections.ConfigDict(dict(
+        hidden_size=96, num_heads=4, axes_dim=(4, 10, 10), depth=2, depth_single_blocks=2,
+        mlp_ratio=4.0, dtype="float32", remat="none",
+        text_dim=64, text_width=64, text_depth=2,  # the toy "T5 + CLIP" text encoder
+        pretrain_steps=2500, pretrain_batch=64, learning_rate=1e-3,
+        caption_dropout=0.1))  # share of empty captions, for classifier-free guidance
+    return c
+
+
+def _knob_hash(**knobs: Any) -> str:
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _cached(path: str, build: Callable[[], Params], like: Callable[[], Params]) -> Params:
+    """Loads `path` when it exists (and matches `like`), else builds and saves it."""
+    if os.path.exists(path):
+        try:
+            return cache.load_params(path, like())
+        except ValueError as e:
+            logging.warning("rebuilding %s: %s", path, e)
+    params = build()
+    cache.save_params(path, params)
+    return params
+
+
+def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
+    """The world's frozen VAE and reward and its pretrained generator, cached."""
+    seed = jax.random.split(jax.random.key(wc.seed), 3)
+    root = os.path.abspath(wc.cache_dir)
+    ae_key = _knob_hash(steps=wc.ae_steps, batch=wc.ae_batch, seed=wc.seed)
+    vae = _cached(os.path.join(root, f"autoencoder-{ae_key}.msgpack"),
+                  lambda: autoencoder.train_autoencoder(seed[0], wc.ae_steps, wc.ae_batch),
+                  lambda: autoencoder.init_autoencoder(seed[0]))
+    rw = _cached(os.path.join(root, "reward-" + _knob_hash(
+                     steps=wc.reward_steps, batch=wc.reward_batch, seed=wc.seed) + ".msgpack"),
+                 lambda: reward.train_reward(seed[1], wc.reward_steps, wc.reward_batch),
+                 lambda: reward.init_reward(seed[1]))
+    gen_key = _knob_hash(ae=ae_key, model=wc.model.to_dict(), seed=wc.seed)
+    generator = _cached(os.path.join(root, f"generator-{gen_key}.msgpack"),
+                        lambda: pretrain.pretrain(seed[2], vae, wc.model)[0],
+                        lambda: _init_generator(seed[2], wc.model))
+    return {"vae": vae, "reward": rw, "generator": generator}
+
+
+def _init_generator(rng: jax.Array, model: ml_collections.ConfigDict) -> Params:
+    flux, text = Flux(pretrain.flux_config(model)), pretrain.text_encoder(model)
+    seq, s = pretrain.TOKENS_HW ** 2, pretrain.tokenizer.MAX_LEN
+    example = (jnp.zeros((1, seq, flux.config.in_channels)), jnp.zeros((1, seq, 3)),
+               jnp.zeros((1, s, model.text_dim)), jnp.zeros((1, s, 3)), jnp.zeros((1,)),
+               jnp.zeros((1, model.text_dim)))
+    return {"flux": nn.meta.unbox(flux.init(rng, *example)["params"]),
+            "text": pretrain.init_text_encoder(rng, text)}
+
+
+def guided_velocity(flux: Flux, scale: float, uncond: dict[str, np.ndarray]
+                    ) -> Callable[..., jax.Array]:
+    """`velocity(params, x, sigma, cond)`; with `scale != 1`, classifier-free guidance
+    `v_u + scale (v_c - v_u)` against the empty prompt's features."""
+    img_ids = flow.image_ids(pretrain.TOKENS_HW, pretrain.TOKENS_HW)
+
+    def call(params, x, sigma, txt, y):
+        b = x.shape[0]
+        txt_ids = jnp.broadcast_to(flow.text_ids(txt.shape[1]), (b, txt.shape[1], 3))
+        return flux.apply({"params": params}, x, jnp.broadcast_to(img_ids, (b,) + img_ids.shape),
+                          txt, txt_ids, sigma, y)
+
+    def velocity(params, x, sigma, cond):
+        if scale == 1.0:
+            return call(params, x, sigma, cond["txt"], cond["y"])
+        b = x.shape[0]
+        txt = jnp.concatenate([cond["txt"], jnp.broadcast_to(uncond["txt"], cond["txt"].shape)])
+        y = jnp.concatenate([cond["y"], jnp.broadcast_to(uncond["y"], cond["y"].shape)])
+        v = call(params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), txt, y)
+        return v[b:] + scale * (v[:b] - v[b:])
+
+    return velocity
+
+
+def build(config: ml_collections.ConfigDict) -> World:
+    """The shapes world for `config` (models built or loaded from the cache)."""
+    wc = config.world
+    models = build_models(wc)
+    flux = Flux(pretrain.flux_config(wc.model))
+    all_prompts = prompts.all_prompts()
+    index = {p.text: i for i, p in enumerate(all_prompts)}
+    table = pretrain.encode_prompts(models["generator"]["text"], wc.model,
+                                    [p.text for p in all_prompts])
+    uncond = pretrain.encode_prompts(models["generator"]["text"], wc.model, [""])
+    uncond = {"txt": uncond["txt"][0], "y": uncond["y"][0]}
+
+    def batch_of(chosen) -> Batch:
+        ids = np.asarray([index[p.text] for p in chosen])
+        return {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
+                "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
+
+    def train_batch(step: int) -> Batch:
+        rng = np.random.default_rng([config.seed, step])
+        return batch_of(prompts.sample_prompts(rng, config.train.batch_size,
+                                               prompts.train_prompts()))
+
+    def decode(frozen: Params, x: jax.Array) -> jax.Array:
+        z = flow.unpack_latents(x, autoencoder.LATENT_HW, autoencoder.LATENT_HW,
+                                patch_size=pretrain.PATCH)
+        return autoencoder.decode(frozen["vae"], z)
+
+    def reward_of(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
+        return reward.reward_fn(frozen["reward"], images, batch["tokens"])
+
+    seq = pretrain.TOKENS_HW ** 2
+    pipe = Pipeline(velocity=guided_velocity(flux, wc.guidance_scale, uncond), decode=decode,
+                    reward=reward_of, sigmas=flow.flux_sigmas(wc.num_steps, seq),
+                    latent_shape=(seq, flux.config.in_channels))
+    frozen = {"vae": models["vae"], "reward": models["reward"]}
+    heldout = prompts.heldout_prompts()
+    grid = [heldout[i] for i in np.linspace(0, len(heldout) - 1, wc.num_grid_prompts,
+                                            dtype=int)]
+    example = (jnp.zeros((1, seq, flux.config.in_channels)), jnp.zeros((1, seq, 3)),
+               jnp.zeros((1, 1, wc.model.text_dim)), jnp.zeros((1, 1, 3)), jnp.zeros((1,)),
+               jnp.zeros((1, wc.model.text_dim)))
+    param_axes = jax.eval_shape(lambda r: flux.init(r, *example)["params"], jax.random.key(0))
+
+    def evaluate(params: Params, out_dir: str) -> dict[str, Any]:
+        return evaluate_heldout(pipe, params, frozen, batch_of, wc, out_dir)
+
+    return World(pipe=pipe, params=models["generator"]["flux"], param_axes=param_axes,
+                 frozen=frozen, train_batch=train_batch, eval_batch=batch_of(grid),
+                 fingerprint={"world": "shapes", "model": wc.model.to_dict(),
+                              "num_steps": wc.num_steps, "seed": wc.seed},
+                 evaluate=evaluate)
+
+
+def image_features(reward_params: Params, images: np.ndarray) -> np.ndarray:
+    """The reward model's unnormalised image embeddings, the features of the FD."""
+    apply = jax.jit(lambda p, x: reward.RewardModel().apply(
+        {"params": p}, x, method=lambda m, y: m.image_tower(y)))
+    return np.concatenate([np.asarray(apply(reward_params, images[i:i + 512]))
+                           for i in range(0, len(images), 512)])
+
+
+def evaluate_heldout(pipe: Pipeline, params: Params, frozen: Params,
+                     batch_of: Callable[[list], Batch], wc: ml_collections.ConfigDict,
+                     out_dir: str, chunk: int = 256) -> dict[str, Any]:
+    """Held-out prompts x `images_per_prompt`: reward, checker accuracy, FD vs renders."""
+    specs = [p for p in prompts.heldout_prompts() for _ in range(wc.images_per_prompt)]
+    sample = sampling.make_sample_fn(pipe, flow.flux_sigmas(wc.eval_steps,
+                                                            pipe.latent_shape[0]))
+    score = jax.jit(pipe.reward)
+    images, rewards = [], []
+    base = jax.random.key(wc.seed + 1000)  # same noise for every model evaluated
+    for start in range(0, len(specs), chunk):
+        batch = batch_of(specs[start:start + chunk])
+        imgs = sample(params, frozen, batch, jax.random.fold_in(base, start))
+        images.append(np.asarray(imgs))
+        rewards.append(np.asarray(score(frozen, imgs, batch)))
+    images, rewards = np.concatenate(images), np.concatenate(rewards)
+    accuracy = checker.score(images, specs)
+    rng = np.random.default_rng(wc.seed + 2000)
+    renders = scenes.render_batch([prompts.scene_for_prompt(p, rng) for p in specs])
+    fd = evaluate_lib.frechet_distance(image_features(frozen["reward"], images),
+                                       image_features(frozen["reward"], renders))
+    results = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "fd": fd, "num_images": len(specs),
+               **{f"acc_{k}": v for k, v in accuracy.items()}}
+    records = [{"prompt": p.text, "category": p.category, "spec": dataclasses.asdict(p),
+                "passed": bool(checker.check(img, p)), "reward": float(r)}
+               for p, img, r in zip(specs, images, rewards)]
+    evaluate_lib.write_eval(out_dir, images, records, results)
+    return results
