@@ -53,8 +53,10 @@ def main(argv) -> None:
     try:
         run(FLAGS.config, workdir)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        lines = message.strip().splitlines() or [type(e).__name__]
+        more = f"; {len(lines) - 1} more line(s) with --debug" if len(lines) > 1 else ""
+        print(f"error: {lines[0]} (rerun with --debug for details{more})", file=sys.stderr)
         sys.exit(2)
 
 

@@ -132,26 +132,50 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState,
-                       shardings: Any) -> tuple[TrainState, dict] | None:
+def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState, shardings: Any,
+                       fingerprint: dict) -> tuple[TrainState, dict] | None:
     """The newest readable checkpoint restored onto `shardings`, or None when there is none.
 
     Orbax finalises a checkpoint by renaming it, so a write cut short is never listed;
-    a listed one that fails to read (a damaged file) is skipped with a warning and the
-    one before it is used.
+    a listed one that fails to read (a damaged file) is moved to `checkpoints-unreadable/`
+    (kept for inspection, out of the way of new saves) and the one before it is used.
+    A checkpoint of another run (its fingerprint differs) raises TrainingError before
+    anything is read or moved.
     """
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    expected = json.loads(json.dumps(fingerprint))
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            meta = manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
-            logging.warning("checkpoint %d in %s is unreadable (%s); trying an older one",
-                            step, manager.directory, str(e).splitlines()[0][:200])
+            _set_aside_unreadable(manager, step, e)
             continue
-        return restored.state, restored.meta
+        if meta.get("fingerprint") != expected:
+            raise TrainingError(
+                f"{os.path.dirname(os.fspath(manager.directory))} holds a checkpoint of a "
+                f"different run ({meta.get('fingerprint')}); use another --workdir or pass "
+                "--config.train.start_fresh=True")
+        try:
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract))).state
+        except Exception as e:  # noqa: BLE001
+            _set_aside_unreadable(manager, step, e)
+            continue
+        return state, meta
     return None
+
+
+def _set_aside_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    directory = os.fspath(manager.directory)
+    aside = os.path.join(os.path.dirname(directory), "checkpoints-unreadable",
+                         f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.rename(os.path.join(directory, str(step)), aside)
+    manager.reload()
+    logging.warning("checkpoint %d is unreadable (%s); moved it to %s and trying an older "
+                    "one", step, str(error).splitlines()[0][:200], aside)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, world: World):
@@ -165,14 +189,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, world: World):
     if config.train.start_fresh:
         _set_aside_checkpoints(workdir)
     manager = _checkpoint_manager(workdir, config.train.keep_checkpoints)
-    restored = restore_checkpoint(manager, state, shardings)
+    restored = restore_checkpoint(manager, state, shardings, run_fingerprint(config, world))
     if restored is not None:
-        state, meta = restored
-        fingerprint = json.loads(json.dumps(run_fingerprint(config, world)))
-        if meta.get("fingerprint") != fingerprint:
-            raise TrainingError(
-                f"{workdir} holds a checkpoint of a different run ({meta.get('fingerprint')});"
-                " use another --workdir or pass --config.train.start_fresh=True")
+        state, _ = restored
         logging.info("restored step %d from %s", int(state.step), workdir)
     return mesh, optimizer, shardings, state, manager
 

@@ -12,6 +12,7 @@ prompt stream. `config.world.name` picks one:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -62,6 +63,13 @@ def random_flux_config() -> ml_collections.ConfigDict:
     c.guidance = 3.5  # distilled-guidance input (used when the model has guidance_embed)
     c.num_steps = 8  # Euler steps of the rollout (T)
     c.num_eval_prompts = 8
+    # A FLUX checkpoint (diffusers folder or BFL .safetensors) to start from instead of
+    # random weights; its shapes then define the model and `model` below is ignored
+    # (except dtype and remat).
+    c.init_weights = ""
+    # Rotary dims per id axis for an init_weights BFL file whose head dim is not 128
+    # (FLUX.1's (16, 56, 56) is inferred); e.g. (4, 6, 6).
+    c.init_axes_dim = ml_collections.config_dict.placeholder(tuple)
     # The Flux architecture (FluxConfig fields); tiny so a step is milliseconds on CPU.
     c.model = ml_collections.ConfigDict(dict(
         in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32, mlp_ratio=2.0,
@@ -101,8 +109,14 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
     from leapalign_jax.models.flux import Flux, FluxConfig
 
     wc = config.world
-    model = Flux(FluxConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                               for k, v in wc.model.to_dict().items()}))
+    knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.model.to_dict().items()}
+    loaded = None
+    if wc.init_weights:
+        from leapalign_jax.weights.flux import load_flux
+        axes = None if wc.init_axes_dim is None else tuple(wc.init_axes_dim)
+        file_config, loaded = load_flux(wc.init_weights, axes_dim=axes)
+        knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"])
+    model = Flux(FluxConfig(**knobs))
     mc = model.config
     seq = wc.latent_hw * wc.latent_hw
     img_ids = flow.image_ids(wc.latent_hw, wc.latent_hw)
@@ -127,7 +141,8 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
                jnp.zeros((1,)) if mc.guidance_embed else None)
     init = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
     param_axes = jax.eval_shape(init, jax.random.key(0))
-    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)))(jax.random.key(config.seed))
+    params = loaded if loaded is not None else jax.jit(
+        lambda rng: nn.meta.unbox(init(rng)))(jax.random.key(config.seed))
     pipe = Pipeline(
         velocity=flux_velocity(model, img_ids, txt_ids, guidance),
         decode=_redness_decode, reward=_redness_reward,
@@ -135,7 +150,8 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
     return World(pipe=pipe, params=params, param_axes=param_axes, frozen={},
                  train_batch=train_batch,
                  eval_batch=batch_of(np.arange(wc.num_eval_prompts) % wc.num_prompts),
-                 fingerprint={"world": "random_flux", "model": wc.model.to_dict(),
+                 fingerprint={"world": "random_flux",
+                              "model": json.loads(json.dumps(dataclasses.asdict(mc))),
                               "latent_shape": [seq, mc.in_channels]})
 
 

@@ -42,6 +42,9 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = off (one network call)
     c.images_per_prompt = 4  # evaluation: images per held-out prompt (paper: 4)
     c.num_grid_prompts = 16  # prompts in the PNG grids written during training
+    # A UTF-8 text file of alignment prompts, one per line (blank lines and lines starting
+    # with '#' skipped), each a shapes-world prompt; "" = the train split.
+    c.prompt_file = ""
     c.ae_steps = 1200  # autoencoder training steps
     c.ae_batch = 32
     c.reward_steps = 1500  # reward-model training steps
@@ -124,9 +127,39 @@ def guided_velocity(flux: Flux, scale: float, uncond: dict[str, np.ndarray]
     return velocity
 
 
+def read_prompt_file(path: str) -> list[prompts.Prompt]:
+    """The prompts listed in `path`; ValueError / FileNotFoundError name the fix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found; fix config.world.prompt_file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}); "
+                         "save it as UTF-8") from None
+    chosen = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            chosen.append(prompts.prompt_by_text(text))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: {text!r} is not a shapes-world prompt; "
+                             "see the templates in leapalign_jax/toy/prompts.py") from None
+    if not chosen:
+        raise ValueError(f"prompt file {path} holds no prompts; add one prompt per line")
+    heldout = {p.text for p in prompts.heldout_prompts()}
+    leaked = sum(p.text in heldout for p in chosen)
+    if leaked:
+        logging.warning("%d prompt(s) of %s are held-out evaluation prompts", leaked, path)
+    return chosen
+
+
 def build(config: ml_collections.ConfigDict) -> World:
     """The shapes world for `config` (models built or loaded from the cache)."""
     wc = config.world
+    pool = read_prompt_file(wc.prompt_file) if wc.prompt_file else prompts.train_prompts()
     models = build_models(wc)
     flux = Flux(pretrain.flux_config(wc.model))
     all_prompts = prompts.all_prompts()
@@ -143,8 +176,7 @@ def build(config: ml_collections.ConfigDict) -> World:
 
     def train_batch(step: int) -> Batch:
         rng = np.random.default_rng([config.seed, step])
-        return batch_of(prompts.sample_prompts(rng, config.train.batch_size,
-                                               prompts.train_prompts()))
+        return batch_of(prompts.sample_prompts(rng, config.train.batch_size, pool))
 
     def decode(frozen: Params, x: jax.Array) -> jax.Array:
         z = flow.unpack_latents(x, autoencoder.LATENT_HW, autoencoder.LATENT_HW,
@@ -173,6 +205,7 @@ def build(config: ml_collections.ConfigDict) -> World:
     return World(pipe=pipe, params=models["generator"]["flux"], param_axes=param_axes,
                  frozen=frozen, train_batch=train_batch, eval_batch=batch_of(grid),
                  fingerprint={"world": "shapes", "model": wc.model.to_dict(),
+                              "prompt_file": wc.prompt_file,
                               "num_steps": wc.num_steps, "seed": wc.seed},
                  evaluate=evaluate)
 
