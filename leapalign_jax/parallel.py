@@ -16,7 +16,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
+# The batch is split over every data-parallel axis, fsdp-major. The order avoids an XLA
+# SPMD-partitioner miscompile (jax 0.10.2, Shardy and GSPMD alike): with the batch over
+# ("data", "fsdp"), data > 1 and fsdp == tensor > 1, a row-parallel matmul (kernel
+# P("tensor", "fsdp")) with a tensor-split output swaps batch rows between devices; see
+# benchmarks/xla_spmd_repro.py. Which batch rows a device holds is otherwise immaterial.
+BATCH_AXES = ("fsdp", "data")
 
 # logical name -> mesh axis (or None = replicated). Weights are split along their model
 # width by FSDP and along heads / MLP width by tensor parallelism.
