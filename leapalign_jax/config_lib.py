@@ -21,6 +21,7 @@ def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "train"  # train | sample | evaluate
     c.seed = 0  # every random stream derives from it by fold_in / named sub-seeds
+    c.eval_name = ""  # task=evaluate writes DIR/eval/<eval_name>/ ("" = step_<N>)
 
     c.world = random_flux_config()  # generator, judges and prompts (see world.py)
     c.method = methods.default_config(method)  # the alignment method and its knobs

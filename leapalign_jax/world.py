@@ -15,7 +15,6 @@ import dataclasses
 import json
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -106,7 +105,7 @@ def _redness_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Arra
 
 
 def build_random_flux(config: ml_collections.ConfigDict) -> World:
-    from leapalign_jax.models.flux import Flux, FluxConfig
+    from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
 
     wc = config.world
     knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.model.to_dict().items()}
@@ -135,14 +134,8 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
         rng = np.random.default_rng([config.seed, step])
         return batch_of(rng.integers(0, wc.num_prompts, config.train.batch_size))
 
-    example = (jnp.zeros((1, seq, mc.in_channels)), jnp.zeros((1, seq, 3)),
-               jnp.zeros((1, wc.text_len, mc.context_in_dim)), jnp.zeros((1, wc.text_len, 3)),
-               jnp.zeros((1,)), jnp.zeros((1, mc.vec_in_dim)),
-               jnp.zeros((1,)) if mc.guidance_embed else None)
-    init = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
-    param_axes = jax.eval_shape(init, jax.random.key(0))
-    params = loaded if loaded is not None else jax.jit(
-        lambda rng: nn.meta.unbox(init(rng)))(jax.random.key(config.seed))
+    param_axes = abstract_params(mc)
+    params = loaded if loaded is not None else init_params(mc, jax.random.key(config.seed))
     pipe = Pipeline(
         velocity=flux_velocity(model, img_ids, txt_ids, guidance),
         decode=_redness_decode, reward=_redness_reward,

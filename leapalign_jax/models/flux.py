@@ -400,3 +400,24 @@ class Flux(nn.Module):
         img = x[:, txt.shape[1]:]
 
         return LastLayer(c, name="final_layer")(img, vec).astype(jnp.float32)
+
+
+def example_inputs(config: FluxConfig, img_len: int, txt_len: int,
+                   batch: int = 1) -> tuple[jax.Array, ...]:
+    """Zero inputs of the right shapes for `Flux(config).init` / `jax.eval_shape`."""
+    return (jnp.zeros((batch, img_len, config.in_channels)), jnp.zeros((batch, img_len, 3)),
+            jnp.zeros((batch, txt_len, config.context_in_dim)), jnp.zeros((batch, txt_len, 3)),
+            jnp.zeros((batch,)), jnp.zeros((batch, config.vec_in_dim)),
+            jnp.zeros((batch,)) if config.guidance_embed else None)
+
+
+def abstract_params(config: FluxConfig) -> Any:
+    """`jax.eval_shape` of the params, leaves boxed with their logical axis names."""
+    return jax.eval_shape(lambda rng: Flux(config).init(rng, *example_inputs(config, 1, 1))
+                          ["params"], jax.random.key(0))
+
+
+def init_params(config: FluxConfig, rng: jax.Array) -> Any:
+    """Plain (unboxed) randomly initialised params."""
+    return jax.jit(lambda r: nn.meta.unbox(
+        Flux(config).init(r, *example_inputs(config, 1, 1))["params"]))(rng)

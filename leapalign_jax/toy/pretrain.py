@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 
 from leapalign_jax import flow
-from leapalign_jax.models.flux import Flux, FluxConfig
+from leapalign_jax.models.flux import Flux, FluxConfig, init_params
 from leapalign_jax.pipeline import Params
 from leapalign_jax.toy import autoencoder, prompts, scenes, tokenizer, utils
 from leapalign_jax.toy.text_encoder import TextEncoder, init_text_encoder
@@ -67,13 +66,7 @@ def pretrain(rng: jax.Array, vae: Params, model: ml_collections.ConfigDict,
     """
     flux, text = Flux(flux_config(model)), text_encoder(model)
     k_flux, k_text, k_data, k_steps = jax.random.split(rng, 4)
-    seq = TOKENS_HW * TOKENS_HW
-    example = (jnp.zeros((1, seq, flux.config.in_channels)), jnp.zeros((1, seq, 3)),
-               jnp.zeros((1, tokenizer.MAX_LEN, model.text_dim)),
-               jnp.zeros((1, tokenizer.MAX_LEN, 3)), jnp.zeros((1,)),
-               jnp.zeros((1, model.text_dim)))
-    params = {"flux": nn.meta.unbox(flux.init(k_flux, *example)["params"]),
-              "text": init_text_encoder(k_text, text)}
+    params = {"flux": init_params(flux.config, k_flux), "text": init_text_encoder(k_text, text)}
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(
         0.0, model.learning_rate, max(1, min(100, model.pretrain_steps // 10)),
         model.pretrain_steps,

@@ -17,7 +17,6 @@ import logging
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +24,7 @@ import numpy as np
 
 from leapalign_jax import evaluate as evaluate_lib
 from leapalign_jax import flow, sampling
-from leapalign_jax.models.flux import Flux
+from leapalign_jax.models.flux import Flux, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline
 from leapalign_jax.toy import autoencoder, cache, checker, pretrain, prompts, reward, scenes
 from leapalign_jax.world import World
@@ -94,13 +93,8 @@ def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
 
 
 def _init_generator(rng: jax.Array, model: ml_collections.ConfigDict) -> Params:
-    flux, text = Flux(pretrain.flux_config(model)), pretrain.text_encoder(model)
-    seq, s = pretrain.TOKENS_HW ** 2, pretrain.tokenizer.MAX_LEN
-    example = (jnp.zeros((1, seq, flux.config.in_channels)), jnp.zeros((1, seq, 3)),
-               jnp.zeros((1, s, model.text_dim)), jnp.zeros((1, s, 3)), jnp.zeros((1,)),
-               jnp.zeros((1, model.text_dim)))
-    return {"flux": nn.meta.unbox(flux.init(rng, *example)["params"]),
-            "text": pretrain.init_text_encoder(rng, text)}
+    return {"flux": init_params(pretrain.flux_config(model), rng),
+            "text": pretrain.init_text_encoder(rng, pretrain.text_encoder(model))}
 
 
 def guided_velocity(flux: Flux, scale: float, uncond: dict[str, np.ndarray]
@@ -194,10 +188,7 @@ def build(config: ml_collections.ConfigDict) -> World:
     heldout = prompts.heldout_prompts()
     grid = [heldout[i] for i in np.linspace(0, len(heldout) - 1, wc.num_grid_prompts,
                                             dtype=int)]
-    example = (jnp.zeros((1, seq, flux.config.in_channels)), jnp.zeros((1, seq, 3)),
-               jnp.zeros((1, 1, wc.model.text_dim)), jnp.zeros((1, 1, 3)), jnp.zeros((1,)),
-               jnp.zeros((1, wc.model.text_dim)))
-    param_axes = jax.eval_shape(lambda r: flux.init(r, *example)["params"], jax.random.key(0))
+    param_axes = abstract_params(flux.config)
 
     def evaluate(params: Params, out_dir: str) -> dict[str, Any]:
         return evaluate_heldout(pipe, params, frozen, batch_of, wc, out_dir)
