@@ -46,7 +46,7 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.prompt_file = ""
     c.ae_steps = 1200  # autoencoder training steps
     c.ae_batch = 32
-    c.reward_steps = 1500  # reward-model training steps
+    c.reward_steps = 2000  # reward-model training steps
     c.reward_batch = 32
     c.model = ml_collections.ConfigDict(dict(
         hidden_size=96, num_heads=4, axes_dim=(4, 10, 10), depth=2, depth_single_blocks=2,
