@@ -22,7 +22,7 @@ def get_config(variant: str | None = None):
     config.world = shapes_config()
     # The toy reward is a cosine similarity; true captions score about 0.5-0.8.
     config.method.hinge_lambda = 1.0
-    config.optim.learning_rate = 1e-4  # a 1M-parameter model, not a 12B one
+    config.optim.learning_rate = 3e-5  # 1e-4 raised the train reward but lowered held-out accuracy
     config.optim.ema_decay = 0.9  # short run: the EMA must keep up within ~100 steps
     config.train.steps = 100
     config.train.batch_size = 32

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from leapalign_jax import flow, methods
-from leapalign_jax.methods import alignprop, draft, drtune, grpo, refl
+from leapalign_jax.methods import alignprop, drtune, grpo, refl
 from leapalign_jax.pipeline import Pipeline
 
 B, L, C, T = 2, 3, 2, 6

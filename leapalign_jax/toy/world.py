@@ -38,7 +38,7 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seed of the world's models (independent of the run's config.seed)
     c.num_steps = 25  # Euler steps of the rollout, T (paper: 25)
     c.eval_steps = 25  # Euler steps when evaluating (the paper evaluates with 50)
-    c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = off (one network call)
+    c.guidance_scale = 2.0  # classifier-free guidance scale; 1.0 = off (one network call)
     c.images_per_prompt = 4  # evaluation: images per held-out prompt (paper: 4)
     c.num_grid_prompts = 16  # prompts in the PNG grids written during training
     # A UTF-8 text file of alignment prompts, one per line (blank lines and lines starting
