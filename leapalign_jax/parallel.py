@@ -98,15 +98,18 @@ def data_parallel_size(mesh: Mesh) -> int:
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Places a host batch (global arrays, batch-first) on the mesh.
 
-    Leaves whose leading dimension does not divide the data-parallel size are replicated
-    (e.g. shared position ids); single-host only: multi-host runs build global arrays with
-    `jax.make_array_from_process_local_data`.
+    Every process holds the same global batch (worlds draw it deterministically from the
+    step), and each device takes its slice, so the same call serves one host and a
+    multi-host pod. Leaves whose leading dimension does not divide the data-parallel
+    size are replicated.
     """
     n = data_parallel_size(mesh)
+
     def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        x = np.asarray(x)
         sharding = batch_sharding(mesh) if x.ndim and x.shape[0] % n == 0 else replicated(mesh)
-        return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
     return jax.tree.map(put, tree)
 
 

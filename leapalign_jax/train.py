@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from leapalign_jax import methods, parallel, sampling
@@ -286,11 +287,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         f"{run} consecutive steps had a non-finite loss or gradient; "
                         "lower config.optim.learning_rate or check the reward. The last "
                         "good checkpoint is kept.")
-            if tc.image_every and (done % tc.image_every == 0 or done == total) and process0:
+            if tc.image_every and (done % tc.image_every == 0 or done == total):
+                # Every process joins the sharded sampling; process 0 writes the grid.
                 images = sample_fn(state.ema_params, frozen,
                                    parallel.shard_batch(world.eval_batch, mesh),
                                    jax.random.key(config.seed))
-                sampling.save_grid(images, os.path.join(workdir, "images", f"{done:06d}.png"))
+                images = multihost_utils.process_allgather(images, tiled=True)
+                if process0:
+                    sampling.save_grid(images,
+                                       os.path.join(workdir, "images", f"{done:06d}.png"))
             if done % tc.checkpoint_every == 0 or done == total or stop.requested:
                 save_checkpoint(manager, state, meta(done))
             if stop.requested:
