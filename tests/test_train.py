@@ -124,5 +124,10 @@ def test_main_trains_then_samples_and_rejects_bad_input(tmp_path):
     assert "alpha" in last and "Traceback" not in bad.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing destroyed
 
-    typo = run_main(*common, "--config.method.alhpa=0.1")
-    assert typo.returncode != 0 and "alhpa" in typo.stderr
+    for args, word in [(("--config.method.alhpa=0.1",), "alhpa"),
+                       (("--config.method.alpha=abc",), "abc"),
+                       (("--config", "configs/missing.py"), "missing.py")]:
+        bad = run_main(*common, *args)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        last = bad.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and word in last, last
