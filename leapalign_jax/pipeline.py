@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any  # a pytree of arrays
@@ -46,3 +47,19 @@ class Pipeline:
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
+
+
+def batch_size(batch: Batch) -> int:
+    """B, the leading size of the conditioning leaves."""
+    return jax.tree.leaves(batch["cond"])[0].shape[0]
+
+
+def initial_noise(rng: jax.Array, batch: Batch, pipe: Pipeline) -> jax.Array:
+    """Rollout noise `x_0 ~ N(0, 1)`, float32, shape (B,) + latent_shape."""
+    return jax.random.normal(rng, (batch_size(batch),) + tuple(pipe.latent_shape), jnp.float32)
+
+
+def conditioned_velocity(pipe: Pipeline, batch: Batch
+                         ) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """`(params, x, sigma) -> v_theta(x, sigma, cond)` with the batch's conditioning bound."""
+    return lambda p, x, s: pipe.velocity(p, x, s, batch["cond"])

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from leapalign_jax import flow
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 
 def make_sample_fn(pipe: Pipeline, sigmas: np.ndarray | None = None
@@ -23,10 +23,8 @@ def make_sample_fn(pipe: Pipeline, sigmas: np.ndarray | None = None
 
     @jax.jit
     def sample(params, frozen, batch, rng):
-        b = jax.tree.leaves(batch["cond"])[0].shape[0]
-        x0 = jax.random.normal(rng, (b,) + tuple(pipe.latent_shape))
-        velocity = lambda p, x, s: pipe.velocity(p, x, s, batch["cond"])  # noqa: E731
-        x_clean, _ = flow.euler_rollout(velocity, params, x0, sigmas)
+        x0 = initial_noise(rng, batch, pipe)
+        x_clean, _ = flow.euler_rollout(conditioned_velocity(pipe, batch), params, x0, sigmas)
         return pipe.decode(frozen, x_clean)
 
     return sample

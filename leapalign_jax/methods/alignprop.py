@@ -20,7 +20,7 @@ import numpy as np
 
 from leapalign_jax import flow
 from leapalign_jax.methods import refl
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 sg = jax.lax.stop_gradient
 
@@ -78,11 +78,11 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     `rng` splits into (noise, truncation).
     """
     rng_noise, rng_trunc = jax.random.split(rng)
-    x0 = refl.initial_noise(rng_noise, batch, pipe)
+    x0 = initial_noise(rng_noise, batch, pipe)
     num_steps = pipe.num_steps
     k = sample_truncation(rng_trunc, num_steps) if cfg.truncate else jnp.int32(num_steps)
 
-    x_clean = euler_chain(refl.conditioned_velocity(pipe, batch), params, x0, pipe.sigmas,
+    x_clean = euler_chain(conditioned_velocity(pipe, batch), params, x0, pipe.sigmas,
                           remat=cfg.remat, grad_from=(num_steps - k) if cfg.truncate else None)
     rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(refl.objective(rewards, cfg))

@@ -17,7 +17,7 @@ import ml_collections
 
 from leapalign_jax import flow
 from leapalign_jax.methods import alignprop, refl
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 
 def draft_config() -> ml_collections.ConfigDict:
@@ -54,8 +54,8 @@ def draft_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     if not 1 <= k <= num_steps:
         raise ValueError(f"k={cfg.k} must be in [1, {num_steps}] (the rollout has "
                          f"{num_steps} steps); DRaFT-1 uses k=1")
-    x0 = refl.initial_noise(rng, batch, pipe)
-    velocity = refl.conditioned_velocity(pipe, batch)
+    x0 = initial_noise(rng, batch, pipe)
+    velocity = conditioned_velocity(pipe, batch)
     # No-gradient rollout of the first T - K steps, then K steps with gradient.
     x_start, _ = flow.euler_rollout(velocity, params, x0, pipe.sigmas[:num_steps - k + 1])
     x_clean = alignprop.euler_chain(velocity, params, x_start, pipe.sigmas[num_steps - k:],
@@ -78,8 +78,8 @@ def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
         raise ValueError(f"n={cfg.n} must be >= 1; DRaFT-LV averages n re-noised copies "
                          "(paper: 2)")
     rng_noise, rng_lv = jax.random.split(rng)
-    x0 = refl.initial_noise(rng_noise, batch, pipe)
-    velocity = refl.conditioned_velocity(pipe, batch)
+    x0 = initial_noise(rng_noise, batch, pipe)
+    velocity = conditioned_velocity(pipe, batch)
     x_clean, _ = flow.euler_rollout(velocity, params, x0, pipe.sigmas)
     s = float(pipe.sigmas[-2])  # the last step's noise level sigma_{T-1}
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from leapalign_jax import flow
 from leapalign_jax.methods import refl
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 sg = jax.lax.stop_gradient
 
@@ -77,10 +77,10 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
         raise ValueError(f"k={cfg.k} must be in [1, {t_min + 1}] (the chain to t_min={t_min} "
                          "has that many steps); lower k or raise t_min")
     rng_noise, rng_steps = jax.random.split(rng)
-    x0 = refl.initial_noise(rng_noise, batch, pipe)
+    x0 = initial_noise(rng_noise, batch, pipe)
     steps = sample_train_steps(rng_steps, x0.shape[0], t_min + 1, k)
 
-    velocity = refl.conditioned_velocity(pipe, batch)
+    velocity = conditioned_velocity(pipe, batch)
     chain = jnp.asarray(chain_sigmas(pipe.sigmas, t_min))
     x_stop, kept = flow.euler_rollout(velocity, params, x0, chain[:-1], keep=steps)
     x_value = sg(refl.clean_estimate(velocity, sg(params), x_stop, chain[t_min]))

@@ -35,7 +35,7 @@ import numpy as np
 
 from leapalign_jax import flow
 from leapalign_jax.methods import refl
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, batch_size, conditioned_velocity, initial_noise
 
 sg = jax.lax.stop_gradient
 
@@ -199,7 +199,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     metric `logp_gap`) are what a multi-epoch inner loop would keep. Each step's
     recomputation is rematerialised, so memory holds one step's activations.
     """
-    b, g = refl.batch_size(batch), int(cfg.group_size)
+    b, g = batch_size(batch), int(cfg.group_size)
     _check_groups(b, g)
     num_steps = pipe.num_steps
     if num_steps < 2:
@@ -215,8 +215,8 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
         batch = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[:b // g], g, axis=0), batch)
 
     rng_noise, rng_sde, rng_steps = jax.random.split(rng, 3)
-    x0 = refl.initial_noise(rng_noise, batch, pipe)
-    velocity = refl.conditioned_velocity(pipe, batch)
+    x0 = initial_noise(rng_noise, batch, pipe)
+    velocity = conditioned_velocity(pipe, batch)
     sigmas = jnp.asarray(pipe.sigmas, jnp.float32)
     sigma_max = sigmas[1]
     x_clean, latents, logps = sde_rollout(velocity, params, x0, sigmas, rng_sde,

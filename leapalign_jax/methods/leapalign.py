@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
+                                    conditioned_velocity, initial_noise)
 
 sg = jax.lax.stop_gradient
 
@@ -133,11 +134,11 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
         raise ValueError(f"step range [{cfg.min_idx}, {max_idx}) must lie within "
                          f"[0, {num_steps}); fix min_idx / max_idx")
     rng_noise, rng_pairs = jax.random.split(rng)
-    b = jax.tree.leaves(batch["cond"])[0].shape[0]
-    x0 = jax.random.normal(rng_noise, (b,) + tuple(pipe.latent_shape), jnp.float32)
+    b = batch_size(batch)
+    x0 = initial_noise(rng_noise, batch, pipe)
     k, j = sample_step_pairs(rng_pairs, b, cfg.min_idx, max_idx)
 
-    velocity = lambda p, x, s: pipe.velocity(p, x, s, batch["cond"])  # noqa: E731
+    velocity = conditioned_velocity(pipe, batch)
     x_clean, kept = flow.euler_rollout(velocity, params, x0, pipe.sigmas,
                                        keep=jnp.stack([k, j], axis=1))
     sigmas = jnp.asarray(pipe.sigmas, jnp.float32)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 sg = jax.lax.stop_gradient
 
@@ -25,22 +25,6 @@ OBJECTIVES = ("hinge", "neg_reward")
 
 
 # --------------------------------------------------------------------------- shared
-
-
-def batch_size(batch: Batch) -> int:
-    """B, the leading size of the conditioning leaves."""
-    return jax.tree.leaves(batch["cond"])[0].shape[0]
-
-
-def initial_noise(rng: jax.Array, batch: Batch, pipe: Pipeline) -> jax.Array:
-    """Rollout noise `x_0 ~ N(0, 1)`, float32 (B,) + latent_shape."""
-    return jax.random.normal(rng, (batch_size(batch),) + tuple(pipe.latent_shape),
-                             jnp.float32)
-
-
-def conditioned_velocity(pipe: Pipeline, batch: Batch) -> flow.StepVelocityFn:
-    """`(params, x, sigma) -> v_theta(x, sigma, cond)` with the batch's conditioning bound."""
-    return lambda p, x, s: pipe.velocity(p, x, s, batch["cond"])
 
 
 def objective(rewards: jax.Array, cfg: Any) -> jax.Array:

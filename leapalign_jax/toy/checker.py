@@ -118,9 +118,14 @@ def score(images: np.ndarray, specs: Sequence[Prompt]) -> dict[str, float]:
     if images.ndim != 4 or images.shape[0] != len(specs) or images.shape[-1] != 3:
         raise ValueError(f"score needs images (B, H, W, 3) and B prompts; got images "
                          f"{images.shape} and {len(specs)} prompts")
+    return summarize([check(image, spec) for image, spec in zip(images, specs)], specs)
+
+
+def summarize(passed: Sequence[bool], specs: Sequence[Prompt]) -> dict[str, float]:
+    """Per-category accuracy of pass/fail results, and "overall" = their mean."""
     hits: dict[str, list[bool]] = {}
-    for image, spec in zip(images, specs):
-        hits.setdefault(spec.category, []).append(check(image, spec))
+    for ok, spec in zip(passed, specs):
+        hits.setdefault(spec.category, []).append(bool(ok))
     out = {cat: float(np.mean(hits[cat])) for cat in prompts_lib.CATEGORIES if cat in hits}
     out["overall"] = float(np.mean(list(out.values()))) if out else float("nan")
     return out

@@ -225,7 +225,8 @@ def evaluate_heldout(pipe: Pipeline, params: Params, frozen: Params,
         images.append(np.asarray(imgs))
         rewards.append(np.asarray(score(frozen, imgs, batch)))
     images, rewards = np.concatenate(images), np.concatenate(rewards)
-    accuracy = checker.score(images, specs)
+    passed = [checker.check(image, p) for image, p in zip(images, specs)]
+    accuracy = checker.summarize(passed, specs)
     rng = np.random.default_rng(wc.seed + 2000)
     renders = scenes.render_batch([prompts.scene_for_prompt(p, rng) for p in specs])
     fd = evaluate_lib.frechet_distance(image_features(frozen["reward"], images),
@@ -234,7 +235,7 @@ def evaluate_heldout(pipe: Pipeline, params: Params, frozen: Params,
                "fd": fd, "num_images": len(specs),
                **{f"acc_{k}": v for k, v in accuracy.items()}}
     records = [{"prompt": p.text, "category": p.category, "spec": dataclasses.asdict(p),
-                "passed": bool(checker.check(img, p)), "reward": float(r)}
-               for p, img, r in zip(specs, images, rewards)]
+                "passed": ok, "reward": float(r)}
+               for p, ok, r in zip(specs, passed, rewards)]
     evaluate_lib.write_eval(out_dir, images, records, results)
     return results
