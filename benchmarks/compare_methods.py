@@ -561,11 +561,11 @@ def main(argv: list[str] | None = None) -> None:
     table, summary = summarize(rows, base)
     wc = config_lib.load_config(CONFIG_FILE).world
     t_eval = world.get("eval_steps", wc.eval_steps)
-    per_prompt = world.get("images_per_prompt", wc.images_per_prompt)
+    per_category = world.get("images_per_category", wc.images_per_category)
     note = (f"{'Quick' if args.quick else 'Full'} mode: {args.steps} iterations, "
             f"{args.batch_size} reward evaluations per iteration, seeds {args.seeds}, "
             f"T={num_steps} training steps, evaluation with {t_eval} steps x "
-            f"{per_prompt} image(s) per held-out prompt at the EMA params. "
+            f"{per_category} held-out images per category at the EMA params. "
             "Mean ± std over seeds at the last evaluation point; s/iter counts optimizer "
             "steps only; peak memory is the device peak (host RSS on CPU, process "
             "baseline included) after the first training chunk.")

@@ -39,7 +39,7 @@ def tiny(config):
     w.model.pretrain_steps = 20
     w.model.pretrain_batch = 16
     w.num_steps = w.eval_steps = 4
-    w.images_per_prompt = 1
+    w.images_per_category = 4
     w.num_grid_prompts = 4
     config.train.steps = 2
     config.train.batch_size = 8

@@ -39,6 +39,7 @@ def test_tiny_shapes_world_train_then_evaluate(tmp_path):
             by_cat.setdefault(r["category"], []).append(r["passed"])
         overall = sum(sum(v) / len(v) for v in by_cat.values()) / len(by_cat)
         assert abs(overall - results["acc_overall"]) < 1e-9
+        assert {len(v) for v in by_cat.values()} == {4}  # images_per_category of :tiny
 
     # A second run reuses the cached world and the finished checkpoint: evaluate only.
     again = main(*common, "--config.task=evaluate", "--config.eval_name=again")
@@ -49,3 +50,20 @@ def test_tiny_shapes_world_train_then_evaluate(tmp_path):
     log = again.stderr[-3000:]
     assert abs(again_results["acc_overall"] - step2["acc_overall"]) < 1e-9, log
     assert abs(again_results["reward"] - step2["reward"]) < 1e-5, log
+
+
+def test_world_build_is_bitwise_reproducible_across_processes(tmp_path):
+    """Two processes building the same world write byte-identical model files."""
+    build = ("import sys; sys.path.insert(0, '.'); import configs.toy_leapalign as c; "
+             "from leapalign_jax.toy import world; cfg = c.get_config('tiny'); "
+             "cfg.world.cache_dir = sys.argv[1]; world.build_models(cfg.world)")
+    files = []
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        done = subprocess.run([sys.executable, "-c", build, str(tmp_path / name)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=hash_seed))
+        assert done.returncode == 0, done.stderr[-3000:]
+        files.append({f: (tmp_path / name / f).read_bytes()
+                      for f in sorted(os.listdir(tmp_path / name))})
+    assert list(files[0]) == list(files[1]) and len(files[0]) == 3
+    assert all(files[0][f] == files[1][f] for f in files[0])

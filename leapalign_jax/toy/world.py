@@ -39,7 +39,9 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.num_steps = 25  # Euler steps of the rollout, T (paper: 25)
     c.eval_steps = 25  # Euler steps when evaluating (the paper evaluates with 50)
     c.guidance_scale = 2.0  # classifier-free guidance scale; 1.0 = off (one network call)
-    c.images_per_prompt = 4  # evaluation: images per held-out prompt (paper: 4)
+    # Evaluation: images per category, cycling through its held-out prompts, so that each
+    # category's accuracy (overall is their mean) is measured to the same precision.
+    c.images_per_category = 96
     c.num_grid_prompts = 16  # prompts in the PNG grids written during training
     # A UTF-8 text file of alignment prompts, one per line (blank lines and lines starting
     # with '#' skipped), each a shapes-world prompt; "" = the train split.
@@ -49,10 +51,11 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.reward_steps = 2000  # reward-model training steps
     c.reward_batch = 32
     c.model = ml_collections.ConfigDict(dict(
-        hidden_size=96, num_heads=4, axes_dim=(4, 10, 10), depth=2, depth_single_blocks=2,
+        hidden_size=128, num_heads=4, axes_dim=(4, 14, 14), depth=2, depth_single_blocks=2,
         mlp_ratio=4.0, dtype="float32", remat="none",
         text_dim=64, text_width=64, text_depth=2,  # the toy "T5 + CLIP" text encoder
-        pretrain_steps=2500, pretrain_batch=64, learning_rate=1e-3,
+        # 5000 steps: base held-out accuracy ~0.45, mostly failing colour binding
+        pretrain_steps=5000, pretrain_batch=64, learning_rate=1e-3,
         caption_dropout=0.1))  # share of empty captions, for classifier-free guidance
     return c
 
@@ -209,11 +212,22 @@ def image_features(reward_params: Params, images: np.ndarray) -> np.ndarray:
                            for i in range(0, len(images), 512)])
 
 
+def heldout_specs(per_category: int) -> list[prompts.Prompt]:
+    """`per_category` prompts of each category, cycling through its held-out prompts."""
+    held = prompts.heldout_prompts()
+    specs = []
+    for cat in prompts.CATEGORIES:
+        group = [p for p in held if p.category == cat]
+        specs += [group[i % len(group)] for i in range(per_category)]
+    return specs
+
+
 def evaluate_heldout(pipe: Pipeline, params: Params, frozen: Params,
                      batch_of: Callable[[list], Batch], wc: ml_collections.ConfigDict,
                      out_dir: str, chunk: int = 256) -> dict[str, Any]:
-    """Held-out prompts x `images_per_prompt`: reward, checker accuracy, FD vs renders."""
-    specs = [p for p in prompts.heldout_prompts() for _ in range(wc.images_per_prompt)]
+    """`images_per_category` held-out images per category: reward, checker accuracy, FD
+    against renders."""
+    specs = heldout_specs(wc.images_per_category)
     sample = sampling.make_sample_fn(pipe, flow.flux_sigmas(wc.eval_steps,
                                                             pipe.latent_shape[0]))
     score = jax.jit(pipe.reward)
