@@ -56,6 +56,22 @@ def test_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("method", ["refl", "draft", "draft_lv", "drtune", "alignprop",
+                                    "grpo"])
+def test_every_method_trains_the_tiny_config(tmp_path, method):
+    """The shared trainer runs each baseline: finite steps, moved params, a checkpoint."""
+    config = config_lib.load_config(os.path.join(ROOT, "configs", f"random_flux.py:{method}"))
+    config.train.update(steps=2, image_every=0, log_every=1, checkpoint_every=2)
+    world = build_world(config)
+    state = train.train_and_evaluate(config, str(tmp_path), world)
+    assert config.method.name == method and int(state.step) == 2
+    assert int(state.nonfinite_run) == 0
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(world.params), jax.tree.leaves(state.params))]
+    assert all(np.isfinite(moved)) and max(moved) > 0.0
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
 def test_nonfinite_step_leaves_state_unchanged():
     config = tiny_config()
     world = build_world(config)
