@@ -61,7 +61,8 @@ def test_world_build_is_bitwise_reproducible_across_processes(tmp_path):
     for name, hash_seed in (("a", "1"), ("b", "2")):
         done = subprocess.run([sys.executable, "-c", build, str(tmp_path / name)], cwd=ROOT,
                               capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=hash_seed))
+                              env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                       PYTHONHASHSEED=hash_seed))
         assert done.returncode == 0, done.stderr[-3000:]
         files.append({f: (tmp_path / name / f).read_bytes()
                       for f in sorted(os.listdir(tmp_path / name))})

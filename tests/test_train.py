@@ -15,8 +15,9 @@ from leapalign_jax.world import build_world
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(steps=12, **train_overrides):
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "random_flux.py"))
+def tiny_config(steps=12, method="", **train_overrides):
+    variant = f":{method}" if method else ""
+    config = config_lib.load_config(os.path.join(ROOT, "configs", f"random_flux.py{variant}"))
     config.train.steps = steps
     config.train.image_every = 0
     config.train.log_every = 4
@@ -60,8 +61,7 @@ def test_resume_is_exact(tmp_path):
                                     "grpo"])
 def test_every_method_trains_the_tiny_config(tmp_path, method):
     """The shared trainer runs each baseline: finite steps, moved params, a checkpoint."""
-    config = config_lib.load_config(os.path.join(ROOT, "configs", f"random_flux.py:{method}"))
-    config.train.update(steps=2, image_every=0, log_every=1, checkpoint_every=2)
+    config = tiny_config(steps=2, method=method, checkpoint_every=2)
     world = build_world(config)
     state = train.train_and_evaluate(config, str(tmp_path), world)
     assert config.method.name == method and int(state.step) == 2

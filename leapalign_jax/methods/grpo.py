@@ -35,7 +35,8 @@ import numpy as np
 
 from leapalign_jax import flow
 from leapalign_jax.methods import refl
-from leapalign_jax.pipeline import Batch, Params, Pipeline, batch_size, conditioned_velocity, initial_noise
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
+                                    conditioned_velocity, initial_noise)
 
 sg = jax.lax.stop_gradient
 
