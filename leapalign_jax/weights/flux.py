@@ -16,24 +16,22 @@ adaLN chunks (scale, shift) where BFL has (shift, scale); both are undone here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from leapalign_jax.models.flux import Flux, FluxConfig
+from leapalign_jax.weights.files import (Shapes, Tensors, cast, check_shapes, float_dtype,
+                                         read_json, set_path, weight_files)
 
 Params = dict[str, Any]
-Shapes = dict[str, tuple[int, ...]]
 
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -140,44 +138,6 @@ def _diffusers_plan(config: FluxConfig) -> dict[str, tuple[list[tuple[str, tuple
 # ----------------------------------------------------------------------------- files
 
 
-class _Tensors:
-    """Lazily readable tensors spread over one or more safetensors files."""
-
-    def __init__(self, files: list[str], stack: contextlib.ExitStack):
-        self.where: dict[str, tuple[Any, str]] = {}
-        self.shapes: Shapes = {}
-        for file in files:
-            handle = stack.enter_context(_open(file))
-            for key in handle.keys():
-                self.where[key] = (handle, file)
-                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
-
-    def read(self, key: str) -> np.ndarray:
-        handle, file = self.where[key]
-        try:
-            return handle.get_tensor(key)
-        except (SafetensorError, TypeError, ValueError) as err:
-            # Older safetensors cannot hand bf16 to numpy; go through JAX for those.
-            if handle.get_slice(key).get_dtype() != "BF16":
-                raise ValueError(f"{file}: cannot read tensor {key} ({err}); the file may be "
-                                 "corrupt, re-download it") from err
-            with safe_open(file, framework="flax") as f:
-                return np.asarray(f.get_tensor(key))
-
-
-@contextlib.contextmanager
-def _open(file: str) -> Iterator[Any]:
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"Flux weights file not found: {file}")
-    try:
-        handle = safe_open(file, framework="numpy")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err}); it is truncated "
-                         "or corrupt, re-download or re-convert it") from err
-    with handle as h:
-        yield h
-
-
 def _resolve(path: str | os.PathLike) -> tuple[str, str]:
     """("diffusers", transformer folder) or ("bfl", file)."""
     path = os.fspath(path)
@@ -193,29 +153,12 @@ def _resolve(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _diffusers_files(folder: str) -> list[str]:
-    index = os.path.join(folder, _DIFFUSERS_INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"{index}: not a valid safetensors index ({err}); re-download "
-                             "it") from err
-        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
-    single = os.path.join(folder, _DIFFUSERS_WEIGHTS)
-    if os.path.isfile(single):
-        return [single]
-    raise FileNotFoundError(f"neither {_DIFFUSERS_WEIGHTS} nor {_DIFFUSERS_INDEX} in {folder}; "
-                            "save the transformer with safe_serialization=True")
+    return weight_files(folder, _DIFFUSERS_WEIGHTS, _DIFFUSERS_INDEX)
 
 
 def _diffusers_config(folder: str) -> FluxConfig:
     file = os.path.join(folder, "config.json")
-    try:
-        with open(file) as f:
-            cfg = json.load(f)
-    except ValueError as err:
-        raise ValueError(f"{file}: not valid JSON ({err}); re-download it") from err
+    cfg = read_json(file)
     name = cfg.get("_class_name", "FluxTransformer2DModel")
     if name != "FluxTransformer2DModel":
         raise ValueError(f"{file}: _class_name is {name!r}, not FluxTransformer2DModel; "
@@ -280,44 +223,14 @@ def _bfl_config(file: str, shapes: Shapes, axes_dim: tuple[int, ...] | None) -> 
 
 
 def _check(source: str, found: Shapes, expected: Shapes, config: FluxConfig) -> None:
-    """One ValueError listing every missing, unexpected or mis-shaped tensor."""
-    problems = []
-    for key, shape in expected.items():
-        if key not in found:
-            problems.append(f"  missing {key}: expected {shape}")
-        elif found[key] != shape:
-            problems.append(f"  wrong shape {key}: expected {shape}, found {found[key]}")
-    problems += [f"  unexpected {key}: found {found[key]}" for key in found if key not in expected]
-    if problems:
-        raise ValueError(
-            f"{source}: {len(problems)} tensor(s) do not fit Flux(hidden {config.hidden_size}, "
-            f"depth {config.depth}+{config.depth_single_blocks}, guidance "
-            f"{config.guidance_embed}); {_HINT}:\n" + "\n".join(problems))
-
-
-def _float_dtype(dtype: Any) -> np.dtype:
-    if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
-        dtype = ml_dtypes.bfloat16
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f" and dtype != np.dtype(ml_dtypes.bfloat16):
-        raise ValueError(f"load_flux: dtype {dtype} is not a float type; use np.float32 or "
-                         "ml_dtypes.bfloat16")
-    return dtype
+    check_shapes(source, found, expected,
+                 f"Flux(hidden {config.hidden_size}, depth {config.depth}+"
+                 f"{config.depth_single_blocks}, guidance {config.guidance_embed})", _HINT)
 
 
 def _to_flax(key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Torch layout -> Flax layout (Linear (out, in) -> kernel (in, out)) in `dtype`."""
-    if key.endswith(".weight"):
-        array = array.T
-    out = np.empty(array.shape, dtype)
-    out[...] = array
-    return out
-
-
-def _set(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
+    return cast(array, dtype, transpose=key.endswith(".weight"))
 
 
 # ----------------------------------------------------------------------------- public
@@ -333,7 +246,7 @@ def read_flux_config(path: str | os.PathLike, *,
     if kind == "diffusers":
         return _diffusers_config(where)
     with contextlib.ExitStack() as stack:
-        return _bfl_config(where, _Tensors([where], stack).shapes, axes_dim)
+        return _bfl_config(where, Tensors([where], stack).shapes, axes_dim)
 
 
 def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
@@ -355,13 +268,13 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
       ValueError: unreadable files, an invalid config, or tensors that are missing,
         unexpected or mis-shaped (all listed in one message).
     """
-    dtype = _float_dtype(dtype)
+    dtype = float_dtype(dtype)
     kind, where = _resolve(path)
     params: Params = {}
     with contextlib.ExitStack() as stack:
         if kind == "diffusers":
             config = _diffusers_config(where)
-            tensors = _Tensors(_diffusers_files(where), stack)
+            tensors = Tensors(_diffusers_files(where), stack)
             plan = _diffusers_plan(config)
             expected = {k: s for sources, _ in plan.values() for k, s in sources}
             _check(where, tensors.shapes, expected, config)
@@ -370,14 +283,14 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
                 array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
                 if swap:
                     array = np.roll(array, array.shape[0] // 2, axis=0)
-                _set(params, _bfl_to_flax(key), _to_flax(key, array, dtype))
+                set_path(params, _bfl_to_flax(key), _to_flax(key, array, dtype))
         else:
-            tensors = _Tensors([where], stack)
+            tensors = Tensors([where], stack)
             config = _bfl_config(where, tensors.shapes, axes_dim)
             expected = bfl_shapes(config)
             _check(where, tensors.shapes, expected, config)
             for key in expected:
-                _set(params, _bfl_to_flax(key), _to_flax(key, tensors.read(key), dtype))
+                set_path(params, _bfl_to_flax(key), _to_flax(key, tensors.read(key), dtype))
     return config, params
 
 
@@ -394,7 +307,7 @@ def save_flux_bfl(path: str | os.PathLike, config: FluxConfig, params: Params, *
         key = _flax_to_bfl(flax_path)
         tensors[key] = np.ascontiguousarray(array.T if key.endswith(".weight") else array)
         if dtype is not None:
-            tensors[key] = tensors[key].astype(_float_dtype(dtype))
+            tensors[key] = tensors[key].astype(float_dtype(dtype))
     _check("save_flux_bfl params", {k: v.shape for k, v in tensors.items()},
            bfl_shapes(config), config)
     save_file(tensors, os.fspath(path), metadata={"format": "pt"})
