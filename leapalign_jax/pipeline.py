@@ -63,3 +63,32 @@ def conditioned_velocity(pipe: Pipeline, batch: Batch
                          ) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
     """`(params, x, sigma) -> v_theta(x, sigma, cond)` with the batch's conditioning bound."""
     return lambda p, x, s: pipe.velocity(p, x, s, batch["cond"])
+
+
+@dataclasses.dataclass
+class World:
+    """What the trainer and the evaluator need of an experiment besides the method.
+
+    Attributes:
+      pipe: the static pipeline closed over by the jitted step.
+      params: trainable generator parameters (plain arrays).
+      param_axes: `jax.eval_shape` of the model init (leaves boxed with logical axis
+        names), used to shard params and optimizer state; None replicates everything.
+      frozen: frozen parameters passed to decode/reward.
+      train_batch: `step -> Batch` of numpy arrays; deterministic in step, so the data
+        position of a resumed run is its step.
+      eval_batch: a fixed batch of evaluation prompts for image grids.
+      fingerprint: a JSON-able description of every world knob that changes results,
+        checked against checkpoints on resume.
+      evaluate: `(params, out_dir) -> results` writing images, prompts.jsonl and
+        results.json under out_dir (worlds with a judge), or None.
+    """
+
+    pipe: Pipeline
+    params: Params
+    param_axes: Any
+    frozen: Params
+    train_batch: Callable[[int], Batch]
+    eval_batch: Batch
+    fingerprint: dict
+    evaluate: Callable[[Params, str], dict] | None = None
