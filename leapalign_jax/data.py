@@ -199,6 +199,9 @@ def load_split(path: str | epath.PathLike, split: str = "train", *,
     path = epath.Path(path)
     if split not in SPLITS:
         raise ValueError(f"{path}: unknown split {split!r}; use one of {SPLITS}")
+    if (path.is_dir() or test_path is not None) and test_fraction:
+        raise ValueError(f"{path}: test_fraction splits a single file, but the test split is "
+                         "given; drop test_fraction or test_path")
     if path.is_dir():
         if test_path is not None:
             raise ValueError(f"{path}: a folder already holds both splits; drop test_path "
