@@ -127,7 +127,9 @@ def read_prompts(path: str | epath.PathLike, format: str = "auto") -> list[str]:
         raise ValueError(f"{path}: unknown prompt format {format!r}; use one of "
                          f"{('auto',) + FORMATS}")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: prompt file not found; " + _FIX_FORMAT)
+        raise FileNotFoundError(f"{path}: prompt file not found; check the path (a .txt, "
+                                ".jsonl or .json file, or a folder with train.txt and "
+                                "test.txt)")
     if path.is_dir():
         raise ValueError(f"{path}: a folder, not a prompt file; pass it to load_split "
                          "(it needs train.txt and test.txt) or name one file")
