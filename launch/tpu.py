@@ -10,8 +10,9 @@ and executed by one `Runner`; under `--dry-run` a `DryRunner` prints each comman
 preemption and recreate-a-lost-VM paths run without gcloud (`--simulate 42,lost,0`).
 Standard library only: it runs on a laptop without the project's dependencies.
 
-A run is detached on every worker (`setsid nohup`, one log and one exit-status file per
-worker), so a dropped ssh connection does not stop it; the monitor loop polls the status
+A run is detached on every worker (a background shell ignoring SIGHUP, as nohup does;
+one log and one exit-status file per worker), so a dropped ssh connection does not stop
+it; the monitor loop polls the status
 files and reruns the same command after exit status 42 (SIGTERM -> checkpoint -> exit 42
 in `leapalign_jax.train`) or after the VM is lost, which resumes from the workdir.
 """
@@ -65,7 +66,7 @@ CAPACITY_ERROR = re.compile(
     r"capacity|RESOURCE_EXHAUSTED|stockout|resource pool exhausted|"
     r"resources? (?:is|are) (?:currently )?(?:not available|unavailable)", re.IGNORECASE)
 ALREADY_EXISTS = re.compile(r"ALREADY_EXISTS|already exists", re.IGNORECASE)
-NOT_FOUND = re.compile(r"NOT_FOUND|not found", re.IGNORECASE)
+NOT_FOUND = re.compile(r"NOT_FOUND")
 MAX_BACKOFF_S = 900
 TPU_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 # A version string safe to write unquoted into a remote script (0.10.2, 3.11, 0.5.0rc1).
@@ -121,6 +122,8 @@ class VmInfo:
 
 @dataclasses.dataclass
 class Result:
+    """A finished command: exit status, captured stdout, stderr."""
+
     code: int
     stdout: str = ""
     stderr: str = ""
@@ -161,7 +164,8 @@ def default_version(accelerator_type: str) -> str:
 
 def gcloud(vm: Vm, words: Sequence[str], args: Sequence[str] = (),
            flags: Sequence[str] = ()) -> list[str]:
-    """`gcloud compute tpus WORDS ARGS --zone=Z FLAGS [--project=P] --quiet`."""
+    """`gcloud compute tpus WORDS ARGS(default: the VM name) --zone=Z [--project=P] FLAGS
+    --quiet` (--quiet: never prompt, the monitor runs unattended)."""
     project = [f"--project={vm.project}"] if vm.project else []
     return ["gcloud", "compute", "tpus", *words, *(args or [vm.name]), f"--zone={vm.zone}",
             *project, *flags, "--quiet"]
@@ -416,8 +420,6 @@ def last_line(text: str) -> str:
 class Runner:
     """Runs commands. Notes go to stderr; `sleep` sleeps."""
 
-    dry_run = False
-
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -475,8 +477,6 @@ class DryRunner(Runner):
     next create, which then fails for lack of capacity. When they run out, a poll finds
     `default_status`. Sleeps and notes are printed as `sleep N` and `# note` lines.
     """
-
-    dry_run = True
 
     def __init__(self, outcomes: Sequence[str] = (), out: TextIO | None = None,
                  err: TextIO | None = None, node: dict | None = None,
@@ -809,13 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
     machine.add_argument("--queued", action="store_true",
                          help="create through a queued resource (waits for capacity)")
     machine.add_argument("--create-tries", type=int, default=5,
-                         help="tries of create on capacity errors")
+                         help="tries of create on capacity errors (default: %(default)s)")
     machine.add_argument("--create-backoff", type=float, default=60,
-                         help="seconds before the 2nd try, doubled each try (max 900)")
+                         help="seconds before the 2nd try, doubled each try up to 900 "
+                         "(default: %(default)s)")
     machine.add_argument("--poll-interval", type=float, default=60,
-                         help="seconds between state and status polls")
+                         help="seconds between state and status polls (default: %(default)s)")
     machine.add_argument("--wait-timeout", type=float, default=6 * 3600,
-                         help="seconds to wait for a VM/queued resource to be ready")
+                         help="seconds to wait for a VM/queued resource to be ready "
+                         "(default: %(default)s)")
 
     env = argparse.ArgumentParser(add_help=False)
     env.add_argument("--jax-version", default=_installed_jax(), type=_version,
@@ -844,9 +846,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "instead of receiving the local working tree")
     run.add_argument("--repo", help="git URL the workers clone for --git-ref")
     run.add_argument("--max-retries", type=int, default=10,
-                     help="reruns after preemption or a lost VM before giving up")
+                     help="reruns after preemption or a lost VM before giving up "
+                     "(default: %(default)s)")
     run.add_argument("--max-poll-failures", type=int, default=10,
-                     help="consecutive failed status polls (VM up) before giving up")
+                     help="consecutive failed status polls (VM up) before giving up "
+                     "(default: %(default)s)")
     run.add_argument("--allow-local-workdir", action="store_true",
                      help="accept a non-gs:// workdir on a spot/queued VM")
     run.add_argument("--no-setup", action="store_true", help="skip `setup` on (re)start")
@@ -854,11 +858,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="watch the run already going on the VM (same flags as the run "
                           "that started it) and rerun it as needed")
     run.add_argument("--tail-lines", type=int, default=50,
-                     help="log lines shown when the run fails")
+                     help="log lines shown when the run fails (default: %(default)s)")
     logs = sub.add_parser("logs", parents=[common], allow_abbrev=False,
                           help="tail (or follow) a worker's log")
     logs.add_argument("--worker", default="0", help="worker index, or all")
-    logs.add_argument("--lines", type=int, default=100)
+    logs.add_argument("--lines", type=int, default=100, help="(default: %(default)s)")
     logs.add_argument("--follow", "-f", action="store_true")
     sub.add_parser("status", parents=[common], allow_abbrev=False,
                    help="VM state, whether the run is alive, its last metrics line")
