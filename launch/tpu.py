@@ -639,35 +639,60 @@ def ensure_ready(runner: Runner, vm: Vm, machine: Machine, opts: Options, *,
         info = None
 
 
-def setup(runner: Runner, vm: Vm, jax_version: str, python: str) -> None:
+SSH_CONNECTION_FAILED = 255  # ssh's own exit status; others come from the remote script
+
+
+def remote(runner: Runner, steps: Sequence[tuple[list[str], str]], what: str,
+           tries: int = 3, retry_s: float = 30) -> None:
+    """Runs `steps` (command, tag) in order; on a failed connection (ssh exit 255, any
+    scp failure) waits and reruns them all, up to `tries` times; a fresh VM often refuses
+    the first connections while its keys propagate. Every step must be idempotent."""
+    for attempt in range(1, tries + 1):
+        for cmd, tag in steps:
+            result = runner.run(cmd, tag=tag)
+            if result.code != 0:
+                break
+        else:
+            return
+        connection = tag == "scp" or result.code == SSH_CONNECTION_FAILED
+        if not connection or attempt == tries:
+            must(result, what)
+        runner.note(f"{what}: connection failed (try {attempt} of {tries}); retrying in "
+                    f"{retry_s:g}s")
+        runner.sleep(retry_s)
+
+
+def setup(runner: Runner, vm: Vm, jax_version: str, python: str,
+          retry_s: float = 30) -> None:
     """Ships requirements.txt and installs the environment on every worker (idempotent)."""
     requirements = os.path.relpath(os.path.join(ROOT, "requirements.txt"))
-    must(runner.run(scp_command(vm, requirements, REMOTE_REQUIREMENTS), tag="scp"),
-         "copying requirements.txt")
-    must(runner.run(ssh_command(vm, setup_script(jax_version, python)), tag="setup"),
-         "setup on the workers")
+    remote(runner, [(scp_command(vm, requirements, REMOTE_REQUIREMENTS), "scp"),
+                    (ssh_command(vm, setup_script(jax_version, python)), "setup")],
+           "setup on the workers", retry_s=retry_s)
 
 
 def local_archive(vm: Vm) -> str:
     return f"/tmp/leapalign_jax-{vm.name}.tgz"
 
 
-def ship(runner: Runner, vm: Vm, git_ref: str | None, repo_url: str | None) -> None:
+def ship(runner: Runner, vm: Vm, git_ref: str | None, repo_url: str | None,
+         retry_s: float = 30) -> None:
     """Puts the code on every worker: the packed working tree, or `git_ref` of `repo_url`."""
     if git_ref:
-        must(runner.run(ssh_command(vm, checkout_script(repo_url, git_ref)), tag="ship"),
-             f"checking out {git_ref}")
-        return
-    must(runner.run(scp_command(vm, local_archive(vm), REMOTE_ARCHIVE), tag="scp"),
-         "copying the code")
-    must(runner.run(ssh_command(vm, unpack_script()), tag="ship"), "unpacking the code")
+        steps = [(ssh_command(vm, checkout_script(repo_url, git_ref)), "ship")]
+    else:
+        steps = [(scp_command(vm, local_archive(vm), REMOTE_ARCHIVE), "scp"),
+                 (ssh_command(vm, unpack_script()), "ship")]
+    remote(runner, steps, "putting the code on the workers", retry_s=retry_s)
 
 
-def start(runner: Runner, vm: Vm, argv: Sequence[str]) -> None:
-    """Frees the TPU of stale processes, then starts the run detached on every worker."""
-    must(runner.run(ssh_command(vm, kill_stale_script()), tag="kill"),
-         "stopping stale processes")
-    must(runner.run(ssh_command(vm, start_script(argv)), tag="start"), "starting the run")
+def start(runner: Runner, vm: Vm, argv: Sequence[str], retry_s: float = 30) -> None:
+    """Frees the TPU of stale processes, then starts the run detached on every worker.
+
+    Retried as a pair, so a start that reached only some workers is stopped first."""
+    remote(runner, [(ssh_command(vm, kill_stale_script()), "kill"),
+                    (ssh_command(vm, start_script(argv)), "start")],
+           "starting the run", retry_s=retry_s)
 
 
 def monitor(runner: Runner, vm: Vm, opts: Options) -> Outcome:
@@ -746,10 +771,10 @@ def run_until_done(runner: Runner, vm: Vm, machine: Machine, opts: Options, *,
         watch_only = fresh and attach and not created
         if (fresh and not attach) or created:
             if not no_setup:
-                setup(runner, vm, jax_version, python)
-            ship(runner, vm, git_ref, repo_url)
+                setup(runner, vm, jax_version, python, opts.poll_interval_s)
+            ship(runner, vm, git_ref, repo_url, opts.poll_interval_s)
         if not watch_only:
-            start(runner, vm, argv)
+            start(runner, vm, argv, opts.poll_interval_s)
         fresh, attach, info = False, False, None
         outcome = monitor(runner, vm, opts)
         if outcome.kind == "done":

@@ -347,6 +347,47 @@ def test_loop_outlives_transient_ssh_errors_but_not_endless_ones():
     assert code == 1 and error.startswith("cannot reach tpu-a (VM state READY) after 10 polls")
 
 
+class _Flaky(tpu.DryRunner):
+    """Fails the first commands of the given tags with the given exit statuses."""
+
+    def __init__(self, failures, outcomes=()):
+        super().__init__(outcomes, out=io.StringIO(), err=io.StringIO())
+        self.failures = list(failures)
+
+    def answer(self, tag):
+        if self.failures and self.failures[0][0] == tag:
+            return tpu.Result(self.failures.pop(0)[1], "", "ssh: connection refused")
+        return super().answer(tag)
+
+
+def _run_flaky(failures):
+    runner = _Flaky(failures)
+    try:
+        code = tpu.run_until_done(
+            runner, tpu.Vm("tpu-a", "z"), tpu.Machine("v5p-16"), tpu.Options(poll_interval_s=7),
+            argv=["x"], workdir="gs://b/r", max_retries=1, jax_version="1", python="3.11")
+    except tpu.LaunchError as e:
+        return e.code, str(e), runner.out.getvalue()
+    return code, None, runner.out.getvalue()
+
+
+def test_connection_failures_of_a_fresh_vm_are_retried():
+    code, error, out = _run_flaky([("scp", 1), ("setup", 255), ("start", 255)])
+    assert (code, error) == (0, None)
+    assert out.count("uv venv") == 2  # scp failed before setup; setup retried once
+    assert out.count("pkill -TERM") == 2  # the kill runs again before the retried start
+    assert out.count("bin/python x") == 2
+    assert "starting the run: connection failed (try 1 of 3); retrying in 7s" in out
+    code, error, out = _run_flaky([("start", 255)] * 3)
+    assert code == 1 and error.startswith("starting the run failed (exit status 255)")
+
+
+def test_a_failing_remote_script_is_not_retried():
+    code, error, out = _run_flaky([("setup", 1)])
+    assert code == 1 and out.count("uv venv") == 1
+    assert error == "setup on the workers failed (exit status 1): ssh: connection refused"
+
+
 def test_lost_vm_without_accelerator_type_is_a_usage_error():
     code, error, _, _ = _loop(["lost"], machine=tpu.Machine())
     assert code == 2 and "pass --accelerator-type" in error
