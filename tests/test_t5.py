@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from leapalign_jax.models.t5 import (T5_XXL, T5Config, T5Encoder, abstract_t5_params,
+from leapalign_jax.models.t5 import (T5_XXL, T5Encoder, abstract_t5_params,
                                      relative_position_bucket, tiny_t5_config)
 from leapalign_jax.weights.t5 import load_t5, read_t5_config, t5_shapes
 
