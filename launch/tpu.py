@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from typing import Callable, Sequence, TextIO
@@ -207,16 +208,29 @@ def scp_command(vm: Vm, source: str, dest: str, worker: str = "all") -> list[str
     return gcloud(vm, ["tpu-vm", "scp"], [source, f"{vm.name}:{dest}"], [f"--worker={worker}"])
 
 
-def pack_command(repo: str, archive: str) -> list[str]:
-    """Tars the working tree's tracked and untracked-but-not-ignored files into `archive`.
+def tree_files(repo: str) -> list[str]:
+    """The working tree's tracked and untracked-but-not-ignored files that exist.
 
     Uncommitted edits travel (unlike `git archive`); ignored outputs (runs/, caches) do
-    not; a tracked file deleted locally is skipped (--ignore-failed-read).
+    not; a tracked file deleted locally is skipped.
     """
-    repo = shlex.quote(repo)
-    return ["bash", "-o", "pipefail", "-c",
-            f"git -C {repo} ls-files -z --cached --others --exclude-standard"
-            f" | tar -C {repo} --null --ignore-failed-read -T - -czf {shlex.quote(archive)}"]
+    try:
+        listing = subprocess.run(
+            ["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = last_line(getattr(e, "stderr", "") or str(e))
+        raise LaunchError(f"cannot list the files of {repo}: {detail} (outside a git "
+                          "checkout, use --git-ref REF --repo URL)", 2) from e
+    names = {name for name in listing.split("\0") if name}
+    return sorted(n for n in names if os.path.lexists(os.path.join(repo, n)))
+
+
+def pack_tree(repo: str, archive: str) -> None:
+    """Writes the files of `tree_files` into a .tgz (tarfile: the same on Linux and macOS)."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in tree_files(repo):
+            tar.add(os.path.join(repo, name), arcname=name, recursive=False)
 
 
 def train_argv(config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
@@ -455,6 +469,11 @@ class Runner:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def local(self, what: str, action: Callable[[], object]) -> None:
+        """A local step done in Python (no command to print)."""
+        self.note(what)
+        action()
+
     def note(self, message: str) -> None:
         print(f"launch.tpu: {message}", file=self.err, flush=True)
 
@@ -520,6 +539,9 @@ class DryRunner(Runner):
 
     def sleep(self, seconds: float) -> None:
         print(f"sleep {seconds:g}", file=self.out)
+
+    def local(self, what: str, action: Callable[[], object]) -> None:
+        self.note(what)
 
     def note(self, message: str) -> None:
         print(f"# {message}", file=self.out)
@@ -763,8 +785,9 @@ def run_until_done(runner: Runner, vm: Vm, machine: Machine, opts: Options, *,
                       machine.spot or info.spot, machine.queued or info.queued)
     check_workdir(workdir, machine, allow_local_workdir, warn)
     if not git_ref:
-        must(runner.run(pack_command(os.path.relpath(ROOT), local_archive(vm)), tag="pack"),
-             "packing the working tree")
+        archive = local_archive(vm)
+        runner.local(f"pack the working tree (git ls-files --cached --others "
+                     f"--exclude-standard) into {archive}", lambda: pack_tree(ROOT, archive))
     reruns, fresh = 0, True
     while True:
         info, created = ensure_ready(runner, vm, machine, opts, recreate=True, info=info)

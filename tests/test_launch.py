@@ -142,7 +142,8 @@ def test_wrapper_script_passes_arguments_through(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, check=True,
         env={**os.environ, "PYTHON": sys.executable}).stdout
     assert _remote_python_argv(out)[-1] == OVERRIDES[1]
-    assert "tar -C ../" in out or f"tar -C {shlex.quote(os.path.relpath(ROOT, tmp_path))}" in out
+    assert "scp requirements.txt" not in out  # paths relative to the working directory
+    assert f"scp {os.path.relpath(ROOT, tmp_path)}/requirements.txt" in out
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_scripts_that_kill_or_count_runs_do_not_match_themselves():
         assert step in kill
 
 
-def test_pack_command_ships_tracked_and_untracked_but_not_ignored_files(tmp_path):
+def test_pack_tree_ships_tracked_and_untracked_but_not_ignored_files(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -258,11 +259,13 @@ def test_pack_command_ships_tracked_and_untracked_but_not_ignored_files(tmp_path
     (repo / "runs" / "ckpt").write_text("big")  # ignored outputs do not
     (repo / "gone.py").unlink()  # nor files deleted locally
     archive = tmp_path / "code.tgz"
-    subprocess.run(tpu.pack_command(str(repo), str(archive)), check=True, capture_output=True)
+    tpu.pack_tree(str(repo), str(archive))
     with tarfile.open(archive) as tar:
         names = sorted(tar.getnames())
         assert tar.extractfile("a.py").read() == b"edited"
     assert names == [".gitignore", "a.py", "my dir/b c.py", "new.py"]
+    with pytest.raises(tpu.LaunchError, match="use --git-ref REF --repo URL"):
+        tpu.tree_files(str(tmp_path / "not-a-repo"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,7 +440,7 @@ def test_local_workdir_on_a_preemptible_vm(capsys, flags, node, code):
     assert ("bin/python -m" in out) == (code == 0)
     if code:
         assert "gs://" in line and "--allow-local-workdir" in line
-        assert "tar " not in out  # nothing shipped or started
+        assert "pack the working tree" not in out  # nothing shipped or started
 
 
 # ---------------------------------------------------------------------------------------
