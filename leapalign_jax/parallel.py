@@ -24,12 +24,17 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("fsdp", "data")
 
 # logical name -> mesh axis (or None = replicated). Weights are split along their model
-# width by FSDP and along heads / MLP width by tensor parallelism.
+# width by FSDP and along heads / MLP width by tensor parallelism; a head is never split
+# ("kv" is the head dim). Activations: batch over the data-parallel axes, tokens ("length")
+# and the residual width ("act_embed") unsplit, heads / MLP columns over "tensor".
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("act_embed", None),
 )
 
 

@@ -109,12 +109,22 @@ def test_logical_axis_names():
     assert set(specs) == set(shapes)
     for path, spec in specs.items():
         assert len(spec) == len(shapes[path].shape), path
-        assert set(spec) <= {"embed", "mlp", "heads", None}, (path, spec)
+        assert set(spec) <= {"embed", "mlp", "heads", "kv", None}, (path, spec)
         if path[-1] == "kernel":
             assert any(name is not None for name in spec), path
-    assert tuple(specs[("double_blocks_0", "img_attn", "qkv", "kernel")]) == ("embed", "heads")
-    assert tuple(specs[("single_blocks_0", "linear2", "kernel")]) == ("mlp", "embed")
-    assert tuple(specs[("final_layer", "linear", "kernel")]) == ("embed", None)
+    qkv, out = ("embed", None, "heads", "kv"), ("heads", "kv", "embed")
+    for path, axes, shape in [
+            (("double_blocks_0", "img_attn", "qkv", "kernel"), qkv, (32, 3, 2, 16)),
+            (("double_blocks_0", "img_attn", "qkv", "bias"), qkv[1:], (3, 2, 16)),
+            (("double_blocks_0", "txt_attn", "proj", "kernel"), out, (2, 16, 32)),
+            (("single_blocks_0", "linear1", "qkv", "kernel"), qkv, (32, 3, 2, 16)),
+            (("single_blocks_0", "linear1", "mlp", "kernel"), ("embed", "mlp"), (32, 128)),
+            (("single_blocks_0", "linear2", "attn", "kernel"), out, (2, 16, 32)),
+            (("single_blocks_0", "linear2", "mlp", "kernel"), ("mlp", "embed"), (128, 32)),
+            (("single_blocks_0", "linear2", "mlp", "bias"), ("embed",), (32,)),
+            (("final_layer", "linear", "kernel"), ("embed", None), (32, 16))]:
+        assert tuple(specs[path]) == axes and shapes[path].shape == shape, path
+    assert ("single_blocks_0", "linear2", "attn", "bias") not in specs
 
 
 def test_guidance_argument_is_checked():
@@ -211,9 +221,13 @@ def test_flux_dev_shaped_file_infers_config(tmp_path):
     config, params = load_flux(path, dtype=ml_dtypes.bfloat16)
     assert config == dev
     qkv = params["double_blocks_0"]["img_attn"]["qkv"]["kernel"]
-    assert qkv.shape == (3072, 9216) and qkv.dtype == ml_dtypes.bfloat16
-    assert params["single_blocks_0"]["linear1"]["kernel"].shape == (3072, 3 * 3072 + 12288)
+    assert qkv.shape == (3072, 3, 24, 128) and qkv.dtype == ml_dtypes.bfloat16
+    assert params["single_blocks_0"]["linear1"]["qkv"]["kernel"].shape == (3072, 3, 24, 128)
+    assert params["single_blocks_0"]["linear1"]["mlp"]["kernel"].shape == (3072, 12288)
+    assert params["single_blocks_0"]["linear2"]["attn"]["kernel"].shape == (24, 128, 3072)
     assert params["txt_in"]["kernel"].shape == (4096, 3072)
+    assert bfl_shapes(dev)["single_blocks.0.linear1.weight"] == (3 * 3072 + 12288, 3072)
+    assert bfl_shapes(dev)["single_blocks.0.linear2.weight"] == (3072, 3072 + 12288)
 
     schnell = dataclasses.replace(FLUX_SCHNELL, depth=1, depth_single_blocks=1)
     _write_header_only(tmp_path / "schnell.safetensors", bfl_shapes(schnell))

@@ -9,8 +9,25 @@ concatenated sequence; an adaLN final layer maps image tokens back to latent cha
 Positions enter only through a 3-axis rotary embedding of the token ids.
 
 Module and parameter names follow the BFL checkpoint layout (`double_blocks_3/img_attn/qkv`
-is `double_blocks.3.img_attn.qkv`), so the weight loader is a rename plus a transpose.
-Every kernel carries logical axis names ("embed", "mlp", "heads") for sharding rules.
+is `double_blocks.3.img_attn.qkv`), so the weight loader is a rename, a transpose and a
+reshape. Kernels are laid out for tensor parallelism by head and by MLP column:
+
+- qkv projections: (embed, 3, heads, head_dim), axes ("embed", None, "heads", "kv");
+- attention outputs: (heads, head_dim, embed), axes ("heads", "kv", "embed");
+- MLP: (embed, mlp) then (mlp, embed);
+- the single block's fused `linear1` is stored as its two parts `linear1/qkv` and
+  `linear1/mlp`, and `linear2` as `linear2/attn` (no bias) and `linear2/mlp` (BFL's bias).
+
+A "tensor" split of "heads" / "mlp" therefore gives every device whole heads (its q, k and
+v) and whole MLP columns, and attention and the MLP need no communication until the
+row-parallel output projection. Activations carry sharding constraints at block boundaries
+(batch over the data-parallel axes, tokens and width unsplit; heads / MLP columns over
+"tensor" inside a block); they apply only when traced under logical-axis rules and a mesh:
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+        out = jax.jit(Flux(config).apply)(...)
+
+and are no-ops otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +39,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from leapalign_jax import parallel
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _REMAT_POLICIES = {
@@ -131,6 +150,54 @@ def _dense(features: int, axes: tuple[str | None, str | None], *, dtype: Any,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
 
 
+def _dense_general(features: int | tuple[int, ...], axes: tuple[str | None, ...], *,
+                   dtype: Any, name: str | None = None, in_dims: int = 1,
+                   use_bias: bool = True) -> nn.DenseGeneral:
+    """A DenseGeneral contracting the last `in_dims` input dims; the kernel is
+    (in..., out...) and carries the logical names `axes`, the bias (out...) the last ones.
+
+    Initialised as a Dense of the flattened (in, out) kernel (lecun normal), reshaped.
+    """
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=tuple(range(-in_dims, 0)), use_bias=use_bias, dtype=dtype,
+        param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]))
+
+
+def kernel_in_dims(path: Sequence[str]) -> int:
+    """How many leading dims of the kernel at `path` (e.g. ("double_blocks_0", "img_attn",
+    "proj", "kernel")) its input contracts: 2, (heads, head_dim), for the attention output
+    projections, 1 for every other kernel. Loaders and LoRA flatten kernels with it."""
+    return 2 if tuple(path[-2:]) in (("proj", "kernel"), ("attn", "kernel")) else 1
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`nn.with_logical_constraint` with mesh axes that do not divide a dim dropped.
+
+    A no-op unless traced under `nn.logical_axis_rules` and a mesh (`jax.set_mesh`).
+    Dropping non-dividing axes (as `parallel.logical_shardings` does for params) lets a
+    batch of 1 or a tiny test model run on any mesh.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = parallel._fit(nn.logical_to_mesh_axes(names, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+# Activation layouts: residual streams, per-head tensors and MLP hidden activations.
+_TOKENS = ("batch", "length", "act_embed")
+_HEADS = ("batch", "length", "heads", "kv")
+_MLP = ("batch", "length", "mlp")
+# Kernel layouts split by whole heads: qkv (embed, 3, heads, head_dim), output projection
+# (heads, head_dim, embed).
+_QKV_AXES = ("embed", None, "heads", "kv")
+_OUT_AXES = ("heads", "kv", "embed")
+
+
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0,
                        time_factor: float = 1000.0) -> jax.Array:
     """Sinusoidal embedding of `time_factor * t`, cosines first (BFL / diffusers flipped)."""
@@ -169,10 +236,9 @@ def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
               pe: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotary multi-head attention over (B, L, H, D) -> (B, L, H * D); softmax in fp32."""
+    """Rotary multi-head attention over (B, L, H, D) -> (B, L, H, D); softmax in fp32."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = jax.nn.dot_product_attention(q, k, v)
-    return out.reshape(*out.shape[:2], -1)
+    return constrain(jax.nn.dot_product_attention(q, k, v), _HEADS)
 
 
 def layer_norm(x: jax.Array) -> jax.Array:
@@ -237,11 +303,15 @@ class Modulation(nn.Module):
         mult = 6 if self.double else 3
         out = _dense(mult * self.hidden_size, ("embed", "mlp"), dtype=self.dtype,
                      name="lin")(nn.silu(vec))
+        # The chunks cut across a "tensor" split of the output: gather this small (B, 6h)
+        # activation here rather than let XLA gather the kernel.
+        out = constrain(out, ("batch", "act_embed"))
         return jnp.split(out[:, None, :], mult, axis=-1)
 
 
 class SelfAttention(nn.Module):
-    """One stream's attention weights: fused qkv, QK RMSNorm, output projection.
+    """One stream's attention weights: qkv (embed, 3, heads, head_dim), QK RMSNorm, output
+    projection (heads, head_dim, embed).
 
     In a double-stream block the two streams attend jointly, so the block calls
     `qkv_heads` and `project` separately around one shared attention.
@@ -253,20 +323,26 @@ class SelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.qkv = _dense(3 * self.hidden_size, ("embed", "heads"), dtype=self.dtype,
-                          use_bias=self.qkv_bias)
+        head_dim = self.hidden_size // self.num_heads
+        self.qkv = _dense_general((3, self.num_heads, head_dim), _QKV_AXES, dtype=self.dtype,
+                                  use_bias=self.qkv_bias)
         self.norm = QKNorm()
-        self.proj = _dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype)
+        self.proj = _dense_general(self.hidden_size, _OUT_AXES, dtype=self.dtype, in_dims=2)
 
     def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (B, L, hidden) -> normalised q, k and v, each (B, L, heads, head_dim)."""
-        qkv = self.qkv(x).reshape(*x.shape[:2], 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k = self.norm(q, k)
-        return q, k, v
+        return _split_qkv(self.qkv(x), self.norm)
 
     def project(self, x: jax.Array) -> jax.Array:
-        return self.proj(x)
+        """Attention output (B, L, heads, head_dim) -> (B, L, hidden)."""
+        return constrain(self.proj(x), _TOKENS)
+
+
+def _split_qkv(qkv: jax.Array, norm: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, L, 3, heads, head_dim) -> q, k (RMS-normalised) and v, heads split over "tensor"."""
+    q, k, v = (constrain(qkv[:, :, i], _HEADS) for i in range(3))
+    q, k = norm(q, k)
+    return q, k, v
 
 
 class DoubleStreamBlock(nn.Module):
@@ -278,6 +354,7 @@ class DoubleStreamBlock(nn.Module):
     def __call__(self, img: jax.Array, txt: jax.Array, vec: jax.Array,
                  pe: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         c, dt = self.config, self.config.compute_dtype
+        img, txt = constrain(img, _TOKENS), constrain(txt, _TOKENS)
         img_mod1_shift, img_mod1_scale, img_mod1_gate, img_mod2_shift, img_mod2_scale, \
             img_mod2_gate = Modulation(c.hidden_size, True, dt, name="img_mod")(vec)
         txt_mod1_shift, txt_mod1_scale, txt_mod1_gate, txt_mod2_shift, txt_mod2_scale, \
@@ -296,8 +373,9 @@ class DoubleStreamBlock(nn.Module):
         def gelu_mlp(x: jax.Array, prefix: str) -> jax.Array:
             # BFL's nn.Sequential(Linear, GELU(tanh), Linear): params `{prefix}.0`, `{prefix}.2`.
             x = _dense(c.mlp_hidden_dim, ("embed", "mlp"), dtype=dt, name=f"{prefix}_0")(x)
-            return _dense(c.hidden_size, ("mlp", "embed"), dtype=dt, name=f"{prefix}_2")(
-                nn.gelu(x, approximate=True))
+            x = constrain(nn.gelu(x, approximate=True), _MLP)
+            return constrain(_dense(c.hidden_size, ("mlp", "embed"), dtype=dt,
+                                    name=f"{prefix}_2")(x), _TOKENS)
 
         img = img + img_mod1_gate * img_attn.project(img_out)
         img = img + img_mod2_gate * gelu_mlp(modulate(img, img_mod2_shift, img_mod2_scale),
@@ -305,11 +383,39 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + txt_mod1_gate * txt_attn.project(txt_out)
         txt = txt + txt_mod2_gate * gelu_mlp(modulate(txt, txt_mod2_shift, txt_mod2_scale),
                                              "txt_mlp")
-        return img, txt
+        return constrain(img, _TOKENS), constrain(txt, _TOKENS)
+
+
+class SingleInput(nn.Module):
+    """BFL's fused `linear1` as its two parts: `qkv` (embed, 3, heads, head_dim) and `mlp`."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c, dt = self.config, self.config.compute_dtype
+        # Always biased, as in BFL (`qkv_bias` is the double blocks' knob).
+        qkv = _dense_general((3, c.num_heads, c.head_dim), _QKV_AXES, dtype=dt, name="qkv")(x)
+        mlp = _dense(c.mlp_hidden_dim, ("embed", "mlp"), dtype=dt, name="mlp")(x)
+        return qkv, mlp
+
+
+class SingleOutput(nn.Module):
+    """BFL's fused `linear2` as its row blocks: `attn` (heads, head_dim, embed), no bias,
+    plus `mlp` (mlp, embed), which holds `linear2`'s bias."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, attn: jax.Array, mlp: jax.Array) -> jax.Array:
+        c, dt = self.config, self.config.compute_dtype
+        out = _dense_general(c.hidden_size, _OUT_AXES, dtype=dt, in_dims=2, use_bias=False,
+                             name="attn")(attn)
+        return out + _dense(c.hidden_size, ("mlp", "embed"), dtype=dt, name="mlp")(mlp)
 
 
 class SingleStreamBlock(nn.Module):
-    """Parallel attention + MLP over the joint sequence, with fused in/out linears."""
+    """Parallel attention + MLP over the joint sequence (BFL's fused linear1 / linear2)."""
 
     config: FluxConfig
 
@@ -317,16 +423,13 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x: jax.Array, vec: jax.Array,
                  pe: tuple[jax.Array, jax.Array]) -> jax.Array:
         c, dt = self.config, self.config.compute_dtype
+        x = constrain(x, _TOKENS)
         shift, scale, gate = Modulation(c.hidden_size, False, dt, name="modulation")(vec)
-        h = _dense(3 * c.hidden_size + c.mlp_hidden_dim, ("embed", "mlp"), dtype=dt,
-                   name="linear1")(modulate(x, shift, scale))
-        qkv, mlp = h[..., :3 * c.hidden_size], h[..., 3 * c.hidden_size:]
-        qkv = qkv.reshape(*x.shape[:2], 3, c.num_heads, c.head_dim)
-        q, k = QKNorm(name="norm")(qkv[:, :, 0], qkv[:, :, 1])
-        attn = attention(q, k, qkv[:, :, 2], pe)
-        out = _dense(c.hidden_size, ("mlp", "embed"), dtype=dt, name="linear2")(
-            jnp.concatenate([attn, nn.gelu(mlp, approximate=True)], axis=-1))
-        return x + gate * out
+        qkv, mlp = SingleInput(c, name="linear1")(modulate(x, shift, scale))
+        q, k, v = _split_qkv(qkv, QKNorm(name="norm"))
+        out = SingleOutput(c, name="linear2")(
+            attention(q, k, v, pe), constrain(nn.gelu(mlp, approximate=True), _MLP))
+        return constrain(x + gate * constrain(out, _TOKENS), _TOKENS)
 
 
 class LastLayer(nn.Module):
@@ -379,13 +482,15 @@ class Flux(nn.Module):
         if not c.guidance_embed and guidance is not None:
             raise ValueError("Flux: this model has no guidance embedding; pass guidance=None")
 
-        img = _dense(c.hidden_size, (None, "embed"), dtype=dt, name="img_in")(img)
+        img = constrain(_dense(c.hidden_size, (None, "embed"), dtype=dt, name="img_in")(img),
+                        _TOKENS)
         vec = MLPEmbedder(c.hidden_size, dt, name="time_in")(timestep_embedding(timesteps))
         if c.guidance_embed:
             vec = vec + MLPEmbedder(c.hidden_size, dt, name="guidance_in")(
                 timestep_embedding(guidance))
         vec = vec + MLPEmbedder(c.hidden_size, dt, name="vector_in")(y)
-        txt = _dense(c.hidden_size, (None, "embed"), dtype=dt, name="txt_in")(txt)
+        txt = constrain(_dense(c.hidden_size, (None, "embed"), dtype=dt, name="txt_in")(txt),
+                        _TOKENS)
 
         pe = embed_nd(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
 
@@ -399,7 +504,8 @@ class Flux(nn.Module):
             x = single(c, name=f"single_blocks_{i}")(x, vec, pe)
         img = x[:, txt.shape[1]:]
 
-        return LastLayer(c, name="final_layer")(img, vec).astype(jnp.float32)
+        out = LastLayer(c, name="final_layer")(img, vec).astype(jnp.float32)
+        return constrain(out, ("batch", "length", None))
 
 
 def example_inputs(config: FluxConfig, img_len: int, txt_len: int,

@@ -8,26 +8,30 @@ Two layouts are read, tensor by tensor, with `safetensors.safe_open(framework="n
   tensor shapes.
 
 The Flax tree mirrors the BFL names (`double_blocks.3.img_attn.qkv.weight` is
-`double_blocks_3/img_attn/qkv/kernel`, transposed from torch's (out, in)). diffusers splits
-q, k and v (and the single-block MLP input) into separate linears and orders the final
-adaLN chunks (scale, shift) where BFL has (shift, scale); both are undone here.
+`double_blocks_3/img_attn/qkv/kernel`, transposed from torch's (out, in) and reshaped to
+the model's multi-dim kernels, e.g. qkv (embed, 3, heads, head_dim)). The single block's
+fused `linear1` / `linear2` are stored as two Flax leaves each (`linear1/qkv` +
+`linear1/mlp` along torch's out dim, `linear2/attn` + `linear2/mlp` along its in dim).
+diffusers splits q, k and v (and the single-block MLP input) into separate linears and
+orders the final adaLN chunks (scale, shift) where BFL has (shift, scale); both are undone
+here. `save_flux_bfl` and `save_flux_diffusers` write the inverse mappings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from leapalign_jax.models.flux import Flux, FluxConfig
+from leapalign_jax.models.flux import FluxConfig, abstract_params, kernel_in_dims
 from leapalign_jax.weights.files import (Shapes, Tensors, cast, check_shapes, float_dtype,
                                          read_json, set_path, weight_files)
 
@@ -79,34 +83,101 @@ _SWAPPED = "final_layer.adaLN_modulation.1"
 
 # ----------------------------------------------------------------------------- naming
 
+# Single-block BFL modules stored as several Flax modules, in BFL order, and the torch
+# axis they are joined along (linear1: out rows [qkv | mlp]; linear2: in columns [attn | mlp]).
+_FUSED = {"linear1": (0, ("qkv", "mlp")), "linear2": (1, ("attn", "mlp"))}
 
-def _flax_to_bfl(path: tuple[str, ...]) -> str:
-    """("double_blocks_3", "img_mlp_0", "kernel") -> "double_blocks.3.img_mlp.0.weight"."""
+
+class _Part(NamedTuple):
+    """One Flax leaf of a BFL tensor: its path, Flax shape and input-dim count."""
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    in_dims: int  # leading kernel dims that form torch's in dim; 0 for biases / norms
+
+
+class _Tensor(NamedTuple):
+    """A BFL tensor: its torch shape and the Flax leaves joined along `axis` to make it."""
+    shape: tuple[int, ...]
+    parts: tuple[_Part, ...]
+    axis: int
+
+
+def _bfl_key(path: tuple[str, ...]) -> str:
+    """("double_blocks_3", "img_mlp_0", "kernel") -> "double_blocks.3.img_mlp.0.weight";
+    ("single_blocks_0", "linear1", "qkv", "kernel") -> "single_blocks.0.linear1.weight"."""
     *modules, leaf = path
+    if len(modules) == 3 and modules[0].startswith("single_blocks_") and modules[1] in _FUSED:
+        modules = modules[:2]
     modules = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
     return ".".join(modules + ["weight" if leaf == "kernel" else leaf])
 
 
-def _bfl_to_flax(key: str) -> tuple[str, ...]:
-    parts = key.split(".")
-    path: list[str] = []
-    for part in parts[:-1]:
-        if part.isdigit():
-            path[-1] = f"{path[-1]}_{part}"
-        else:
-            path.append(part)
-    return tuple(path) + ("kernel" if parts[-1] == "weight" else parts[-1],)
+def _torch_shape(part: _Part) -> tuple[int, ...]:
+    """Torch layout of one part: a kernel (in..., out...) is (prod(out), prod(in))."""
+    if part.in_dims == 0:
+        return (int(np.prod(part.shape)),) if part.shape else ()
+    n = part.in_dims
+    return int(np.prod(part.shape[n:])), int(np.prod(part.shape[:n]))
+
+
+def _bfl_layout(config: FluxConfig) -> dict[str, _Tensor]:
+    """Every BFL tensor of `config` and the Flax leaves it is made of."""
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(config)))
+    grouped: dict[str, list[_Part]] = {}
+    for path, leaf in flat.items():
+        in_dims = kernel_in_dims(path) if path[-1] == "kernel" else 0
+        grouped.setdefault(_bfl_key(path), []).append(_Part(path, tuple(leaf.shape), in_dims))
+    layout = {}
+    for key, parts in grouped.items():
+        axis = 0
+        if key.startswith("single_blocks.") and key.split(".")[2] in _FUSED:
+            fused_axis, order = _FUSED[key.split(".")[2]]
+            parts.sort(key=lambda p: order.index(p.path[2]))
+            axis = fused_axis if parts[0].in_dims else 0  # biases join along their one dim
+        shapes = [_torch_shape(p) for p in parts]
+        shape = list(shapes[0])
+        shape[axis] = sum(sh[axis] for sh in shapes)
+        layout[key] = _Tensor(tuple(shape), tuple(parts), axis)
+    return layout
 
 
 def bfl_shapes(config: FluxConfig) -> Shapes:
     """Every tensor of a BFL checkpoint for `config`: key -> torch-layout shape."""
-    c = config
-    example = (jnp.zeros((1, 1, c.in_channels)), jnp.zeros((1, 1, 3)),
-               jnp.zeros((1, 1, c.context_in_dim)), jnp.zeros((1, 1, 3)), jnp.zeros((1,)),
-               jnp.zeros((1, c.vec_in_dim)), jnp.zeros((1,)) if c.guidance_embed else None)
-    abstract = jax.eval_shape(Flux(c).init, jax.random.key(0), *example)["params"]
-    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract))
-    return {_flax_to_bfl(path): tuple(leaf.shape[::-1]) for path, leaf in flat.items()}
+    return {key: t.shape for key, t in _bfl_layout(config).items()}
+
+
+def _split_to_flax(tensor: _Tensor, array: np.ndarray, dtype: np.dtype,
+                   params: Params) -> None:
+    """A torch-layout BFL tensor -> its Flax leaves (split, transposed, reshaped) in params."""
+    sizes = np.cumsum([_torch_shape(p)[tensor.axis] for p in tensor.parts])[:-1]
+    for part, piece in zip(tensor.parts, np.split(array, sizes, axis=tensor.axis)):
+        flat = cast(piece, dtype, transpose=part.in_dims > 0)
+        set_path(params, part.path, flat.reshape(part.shape))
+
+
+def _join_to_torch(tensor: _Tensor, flat: dict[tuple[str, ...], Any]) -> np.ndarray:
+    """The inverse of `_split_to_flax`: Flax leaves -> one torch-layout array."""
+    pieces = []
+    for part in tensor.parts:
+        leaf = np.asarray(flat[part.path])
+        if part.in_dims:
+            leaf = leaf.reshape(_torch_shape(part)[::-1]).T
+        pieces.append(leaf.reshape(_torch_shape(part)))
+    out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=tensor.axis)
+    return np.ascontiguousarray(out)
+
+
+def _torch_tensors(config: FluxConfig, params: Params, what: str) -> dict[str, np.ndarray]:
+    """Flax params -> BFL-named torch-layout arrays, after checking the tree fits config."""
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(params))
+    layout = _bfl_layout(config)
+    expected = {part.path: part.shape for t in layout.values() for part in t.parts}
+    check_shapes(what, {"/".join(k): tuple(np.shape(v)) for k, v in flat.items()},
+                 {"/".join(k): v for k, v in expected.items()},
+                 f"Flux(hidden {config.hidden_size}, depth {config.depth}+"
+                 f"{config.depth_single_blocks}, guidance {config.guidance_embed})",
+                 "pass the params of this config (e.g. from load_flux or init_params)")
+    return {key: _join_to_torch(t, flat) for key, t in layout.items()}
 
 
 def _diffusers_sources(bfl_key: str) -> tuple[list[str], bool]:
@@ -228,11 +299,6 @@ def _check(source: str, found: Shapes, expected: Shapes, config: FluxConfig) -> 
                  f"{config.depth_single_blocks}, guidance {config.guidance_embed})", _HINT)
 
 
-def _to_flax(key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Torch layout -> Flax layout (Linear (out, in) -> kernel (in, out)) in `dtype`."""
-    return cast(array, dtype, transpose=key.endswith(".weight"))
-
-
 # ----------------------------------------------------------------------------- public
 
 
@@ -278,19 +344,20 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
             plan = _diffusers_plan(config)
             expected = {k: s for sources, _ in plan.values() for k, s in sources}
             _check(where, tensors.shapes, expected, config)
+            layout = _bfl_layout(config)
             for key, (sources, swap) in plan.items():
                 parts = [tensors.read(k) for k, _ in sources]
                 array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
                 if swap:
                     array = np.roll(array, array.shape[0] // 2, axis=0)
-                set_path(params, _bfl_to_flax(key), _to_flax(key, array, dtype))
+                _split_to_flax(layout[key], array, dtype, params)
         else:
             tensors = Tensors([where], stack)
             config = _bfl_config(where, tensors.shapes, axes_dim)
-            expected = bfl_shapes(config)
-            _check(where, tensors.shapes, expected, config)
-            for key in expected:
-                set_path(params, _bfl_to_flax(key), _to_flax(key, tensors.read(key), dtype))
+            layout = _bfl_layout(config)
+            _check(where, tensors.shapes, {k: t.shape for k, t in layout.items()}, config)
+            for key, tensor in layout.items():
+                _split_to_flax(tensor, tensors.read(key), dtype, params)
     return config, params
 
 
@@ -299,15 +366,68 @@ def save_flux_bfl(path: str | os.PathLike, config: FluxConfig, params: Params, *
     """Writes Flax params as a BFL-layout single `.safetensors` file (flux1-dev layout).
 
     `dtype` casts every tensor (e.g. ml_dtypes.bfloat16); None keeps the params' dtypes.
+    LoRA-adapted params are exported by merging first (`models.lora.merge`).
+
+    Raises:
+      ValueError: `params` does not fit `config` (every missing, unexpected or mis-shaped
+        leaf listed).
     """
-    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(params))
-    tensors = {}
-    for flax_path, leaf in flat.items():
-        array = np.asarray(leaf)
-        key = _flax_to_bfl(flax_path)
-        tensors[key] = np.ascontiguousarray(array.T if key.endswith(".weight") else array)
-        if dtype is not None:
-            tensors[key] = tensors[key].astype(float_dtype(dtype))
-    _check("save_flux_bfl params", {k: v.shape for k, v in tensors.items()},
-           bfl_shapes(config), config)
+    tensors = _torch_tensors(config, params, "save_flux_bfl params")
+    if dtype is not None:
+        tensors = {k: v.astype(float_dtype(dtype)) for k, v in tensors.items()}
     save_file(tensors, os.fspath(path), metadata={"format": "pt"})
+
+
+def diffusers_config(config: FluxConfig) -> dict[str, Any]:
+    """The diffusers `FluxTransformer2DModel` config.json of `config`.
+
+    Raises:
+      ValueError: `config` has no diffusers equivalent (mlp_ratio other than 4).
+    """
+    if config.mlp_ratio != 4.0:
+        raise ValueError(f"FluxConfig mlp_ratio {config.mlp_ratio}: diffusers' "
+                         "FluxTransformer2DModel fixes mlp_ratio 4; export with save_flux_bfl")
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1,
+            "in_channels": config.in_channels, "out_channels": config.out_channels,
+            "num_layers": config.depth, "num_single_layers": config.depth_single_blocks,
+            "attention_head_dim": config.head_dim, "num_attention_heads": config.num_heads,
+            "joint_attention_dim": config.context_in_dim,
+            "pooled_projection_dim": config.vec_in_dim,
+            "guidance_embeds": config.guidance_embed, "axes_dims_rope": list(config.axes_dim)}
+
+
+def save_flux_diffusers(folder: str | os.PathLike, config: FluxConfig, params: Params, *,
+                        dtype: Any = None) -> None:
+    """Writes Flax params as a diffusers `transformer/` folder: `config.json` and one
+    `diffusion_pytorch_model.safetensors`, readable by `FluxTransformer2DModel.from_pretrained`
+    and `load_flux`. The inverse of the loader's diffusers mapping.
+
+    diffusers' q, k, v projections always have biases: a `qkv_bias=False` model is written
+    with zero biases (the same function). `dtype` casts every tensor; None keeps the params'.
+    LoRA-adapted params are exported by merging first (`models.lora.merge`).
+
+    Raises:
+      ValueError: `params` does not fit `config`, or `config` has no diffusers equivalent.
+    """
+    folder = os.fspath(folder)
+    cfg = diffusers_config(config)
+    bfl = _torch_tensors(config, params, "save_flux_diffusers params")
+    if not config.qkv_bias:
+        bfl = dict(bfl)
+        for key, shape in bfl_shapes(dataclasses.replace(config, qkv_bias=True)).items():
+            if key not in bfl:
+                bfl[key] = np.zeros(shape, bfl[key[:-len("bias")] + "weight"].dtype)
+        config = dataclasses.replace(config, qkv_bias=True)
+    tensors = {}
+    for key, (sources, swap) in _diffusers_plan(config).items():
+        array = bfl[key]
+        if swap:
+            array = np.roll(array, -(array.shape[0] // 2), axis=0)
+        rows = np.cumsum([shape[0] for _, shape in sources])[:-1]
+        for (name, _), piece in zip(sources, np.split(array, rows, axis=0)):
+            piece = np.ascontiguousarray(piece)
+            tensors[name] = piece if dtype is None else piece.astype(float_dtype(dtype))
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, _DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
