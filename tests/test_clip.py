@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from leapalign_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                                       CLIPVisionConfig, CLIPVisionModel, abstract_params,
-                                       init_params)
+                                       CLIPVisionConfig, CLIPVisionModel, abstract_params)
 from leapalign_jax.weights.clip import load_clip, load_clip_text, load_clip_vision
 
 VOCAB, SEQ, IMAGE, PROJ = 64, 10, 16, 24
@@ -96,7 +95,6 @@ def text_folders(tmp_path_factory):
     """{"legacy": (pipeline folder, torch model), "eos": (...)}: eos_token_id 2 (argmax
     pooling, transformers-4 layout under text_encoder/) and a real EOS id (first-EOS
     pooling, transformers-5 layout, sharded)."""
-    import torch  # noqa: F401
     from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFModel
 
     out = {}
@@ -202,6 +200,21 @@ def _pixels(seed, config):
     return rng.standard_normal((2, config.image_size, config.image_size, 3), dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _vision_run(config):
+    """One jitted (params, pixels, w) -> (last_hidden_state, pooled, image_embeds,
+    d sum(image_embeds * w) / d pixels), so each config compiles once."""
+    model = CLIPVisionModel(config)
+
+    def run(params, pixels, w):
+        last, pooled = model.apply({"params": params}, pixels)
+        embeds, vjp = jax.vjp(lambda x: model.apply(
+            {"params": params}, x, method=CLIPVisionModel.get_image_features), pixels)
+        return last, pooled, embeds, vjp(w)[0]
+
+    return jax.jit(run)
+
+
 def test_vision_parity_and_pixel_gradient(vision_folder):
     import torch
 
@@ -209,22 +222,15 @@ def test_vision_parity_and_pixel_gradient(vision_folder):
     config, params = load_clip_vision(folder)
     assert config.hidden_act == "gelu" and config.projection_dim == PROJ
     pixels = _pixels(0, config)
-    model = CLIPVisionModel(config)
-    last, pooled = _jit(model)({"params": params}, pixels)
-    embeds = _jit(model, CLIPVisionModel.get_image_features)({"params": params}, pixels)
-
     weights = np.random.default_rng(1).standard_normal((2, PROJ), dtype=np.float32)
+    last, pooled, embeds, grad = _vision_run(config)(params, pixels, weights)
+
     x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-    ref = torch_model(pixel_values=x, output_hidden_states=False)
+    ref = torch_model(pixel_values=x)
     (ref.image_embeds * torch.from_numpy(weights)).sum().backward()
     ref_grad = x.grad.numpy().transpose(0, 2, 3, 1)
-    ref_pooled = torch_model.vision_model(pixel_values=x).pooler_output.detach().numpy()
-
-    def loss(px):
-        return jnp.sum(model.apply({"params": params}, px,
-                                   method=CLIPVisionModel.get_image_features) * weights)
-
-    grad = jax.jit(jax.grad(loss))(pixels)
+    with torch.no_grad():
+        ref_pooled = torch_model.vision_model(pixel_values=x).pooler_output.numpy()
     errs = dict(last_hidden_state=_rel(last, ref.last_hidden_state.detach().numpy()),
                 pooled=_rel(pooled, ref_pooled),
                 image_embeds=_rel(embeds, ref.image_embeds.detach().numpy()),
@@ -234,17 +240,21 @@ def test_vision_parity_and_pixel_gradient(vision_folder):
     assert errs["pixel_grad"] < 1e-3
 
 
-def test_vision_remat_same_gradient(vision_folder):
+def test_vision_bf16_and_remat(vision_folder):
     config, params = load_clip_vision(vision_folder[0])
-    pixels = _pixels(2, config)
-
-    def grad(c):
-        f = lambda px: jnp.sum(CLIPVisionModel(c).apply(  # noqa: E731
-            {"params": params}, px, method=CLIPVisionModel.get_image_features) ** 2)
-        return jax.jit(jax.grad(f))(pixels)
-
-    np.testing.assert_allclose(grad(dataclasses.replace(config, remat="dots_saveable")),
-                               grad(config), rtol=1e-5, atol=1e-6)
+    pixels = _pixels(0, config)
+    weights = np.random.default_rng(1).standard_normal((2, PROJ), dtype=np.float32)
+    _, _, embeds, grad = _vision_run(config)(params, pixels, weights)
+    remat = dataclasses.replace(config, remat="dots_saveable")
+    _, _, embeds_r, grad_r = _vision_run(remat)(params, pixels, weights)
+    np.testing.assert_allclose(embeds_r, embeds, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad_r, grad, rtol=1e-5, atol=1e-6)
+    bf16 = dataclasses.replace(config, dtype="bfloat16")
+    _, pooled16, embeds16, grad16 = _vision_run(bf16)(params, pixels, weights)
+    assert pooled16.dtype == embeds16.dtype == grad16.dtype == jnp.float32
+    print(f"\nvision bf16 vs fp32 rel err: image_embeds {_rel(embeds16, embeds):.2e}, "
+          f"pixel_grad {_rel(grad16, grad):.2e}")
+    assert _rel(embeds16, embeds) < 5e-2 and _rel(grad16, grad) < 1e-1
 
 
 # ----------------------------------------------------------------------------- CLIPModel
@@ -261,7 +271,9 @@ def test_clip_model_parity(clip_folder):
     pixels = _pixels(4, config.vision)
     model = CLIPModel(config)
     out = _jit(model)({"params": params}, jnp.asarray(ids), pixels)
-    text_features = _jit(model, CLIPModel.get_text_features)({"params": params}, ids)
+    # The tower's subtree serves the standalone module too.
+    text_features = _jit(CLIPTextModel(config.text), CLIPTextModel.get_text_features)(
+        {"params": params["text_model"]}, ids)
     with torch.no_grad():
         ref = torch_model(input_ids=torch.from_numpy(ids),
                           pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
@@ -273,9 +285,6 @@ def test_clip_model_parity(clip_folder):
     print("\nCLIPModel rel err: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert max(errs.values()) < 1e-4
     assert float(out.logit_scale) == pytest.approx(torch_model.logit_scale.item(), abs=1e-7)
-    # The towers' subtrees serve the standalone modules too.
-    _, pooled = _jit(CLIPTextModel(config.text))({"params": params["text_model"]}, ids)
-    assert pooled.shape == (3, 32)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -297,9 +306,6 @@ def test_logical_axis_names_and_float32_params():
     assert flat[("text_model", "embeddings", "token_embedding", "embedding")].names == (
         "vocab", "embed")
     assert flat[("vision_model", "embeddings", "patch_embedding", "kernel")].names[-1] == "embed"
-    params = init_params(vision, jax.random.key(0))
-    last, pooled = CLIPVisionModel(vision).apply({"params": params}, jnp.zeros((1, 8, 8, 3)))
-    assert last.shape == (1, 5, 32) and pooled.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("make, match", [
@@ -395,3 +401,57 @@ def test_missing_weights_file(vision_folder, tmp_path):
     os.remove(os.path.join(folder, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         load_clip_vision(folder)
+
+
+def test_config_json_matches_transformers(tmp_path):
+    """Defaults, legacy `*_config_dict` and projections are read as transformers reads them."""
+    from transformers import CLIPConfig as HFConfig
+
+    from leapalign_jax.weights.clip import read_clip_config
+
+    cfg = {"model_type": "clip", "projection_dim": 16, "logit_scale_init_value": 3.0,
+           "text_config": {"hidden_size": 64, "eos_token_id": 2, "vocab_size": 100},
+           "text_config_dict": {"hidden_size": 96, "num_attention_heads": 4},
+           "vision_config": {"hidden_size": 48, "num_attention_heads": 4, "patch_size": 16,
+                             "hidden_act": "gelu"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours, ref = read_clip_config(tmp_path), HFConfig.from_pretrained(tmp_path)
+    for mine, theirs in ((ours.text, ref.text_config), (ours.vision, ref.vision_config)):
+        for field, hf in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
+                          ("num_layers", "num_hidden_layers"), ("hidden_act", "hidden_act"),
+                          ("intermediate_size", "intermediate_size")):
+            assert getattr(mine, field) == getattr(theirs, hf), field
+        assert mine.projection_dim == ref.projection_dim == 16
+    assert ours.text.eos_token_id == ref.text_config.eos_token_id
+    assert ours.text.vocab_size == ref.text_config.vocab_size
+    assert ours.vision.patch_size == ref.vision_config.patch_size == 16
+    assert ours.logit_scale_init == 3.0
+
+
+def test_with_projection_text_and_plain_vision_folders(tmp_path):
+    """CLIPTextModelWithProjection (`text_model.*` + `text_projection.weight`) and a plain
+    CLIPVisionModel (transformers 5 saves it unprefixed) load leaf for leaf, also as bf16."""
+    import ml_dtypes
+    from transformers import CLIPTextConfig as HFText, CLIPTextModelWithProjection
+    from transformers import CLIPVisionConfig as HFVision, CLIPVisionModel as HFVisionModel
+
+    text = _randomise(CLIPTextModelWithProjection(HFText(**TEXT_HF, eos_token_id=VOCAB - 1,
+                                                         projection_dim=PROJ)), seed=5)
+    text.save_pretrained(tmp_path / "text", safe_serialization=True)
+    config, params = load_clip_text(tmp_path / "text", dtype=ml_dtypes.bfloat16)
+    assert config.projection_dim == PROJ and config.eos_token_id == VOCAB - 1
+    state = {k: v.numpy() for k, v in text.state_dict().items()}
+    np.testing.assert_array_equal(params["text_projection"]["kernel"],
+                                  state["text_projection.weight"].T.astype(ml_dtypes.bfloat16))
+    assert params["final_layer_norm"]["scale"].dtype == ml_dtypes.bfloat16
+
+    vision = _randomise(HFVisionModel(HFVision(**VISION_HF, projection_dim=PROJ)), seed=6)
+    vision.save_pretrained(tmp_path / "vision", safe_serialization=True)
+    config, params = load_clip_vision(tmp_path / "vision")
+    assert config.projection_dim is None and "visual_projection" not in params
+    state = {k.removeprefix("vision_model."): v.numpy() for k, v in vision.state_dict().items()}
+    np.testing.assert_array_equal(params["embeddings"]["patch_embedding"]["kernel"],
+                                  state["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["encoder"]["layers_1"]["mlp"]["fc2"]["kernel"],
+                                  state["encoder.layers.1.mlp.fc2.weight"].T)
+    np.testing.assert_array_equal(params["pre_layrnorm"]["bias"], state["pre_layrnorm.bias"])

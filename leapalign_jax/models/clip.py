@@ -242,8 +242,11 @@ class CLIPAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, length, _ = x.shape
-        heads = lambda name: _dense(self.hidden_size, ("embed", "heads"), dtype=self.dtype,  # noqa: E731
-                                    name=name)(x).reshape(b, length, self.num_heads, -1)
+
+        def heads(name: str) -> jax.Array:
+            out = _dense(self.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
+            return out.reshape(b, length, self.num_heads, -1)
+
         q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
         # Logits and softmax in fp32 whatever the compute dtype.
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)

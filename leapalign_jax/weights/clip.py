@@ -251,10 +251,10 @@ def vision_config_from_hf(cfg: dict, file: str,
 
 
 def _sub_config(cfg: dict, name: str) -> dict:
-    """`text_config` / `vision_config`, updated by the legacy `*_config_dict` as HF does."""
-    sub = dict(cfg.get(f"{name}_config") or {})
-    sub.update(cfg.get(f"{name}_config_dict") or {})
-    return sub
+    """`text_config` / `vision_config`, or the legacy `*_config_dict` when present: transformers
+    then rebuilds the tower config from that dict and its defaults alone (`CLIPConfig`)."""
+    legacy = cfg.get(f"{name}_config_dict")
+    return dict(legacy if legacy is not None else cfg.get(f"{name}_config") or {})
 
 
 def _model_type_error(file: str, found: Any, expected: str, loader: str) -> ValueError:
