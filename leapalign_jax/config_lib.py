@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from leapalign_jax import methods, parallel
+from leapalign_jax.world import random_flux_config
 
 
 class ConfigError(ValueError):
@@ -16,8 +17,6 @@ class ConfigError(ValueError):
 
 
 def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
-    from leapalign_jax.world import random_flux_config
-
     c = ml_collections.ConfigDict()
     c.task = "train"  # train | sample | evaluate
     c.seed = 0  # every random stream derives from it by fold_in / named sub-seeds
@@ -41,6 +40,10 @@ def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c.train.batch_size = 64  # prompts per step, global over all devices (paper: 64)
     c.train.log_every = 10  # metrics to TensorBoard + log every N steps
     c.train.image_every = 50  # PNG grid of the eval prompts every N steps (0: never)
+    # Held-out evaluation of the EMA params every N steps during training, written to
+    # DIR/eval/step_<N>/ and to TensorBoard as eval/* (worlds with a judge; 0: only the
+    # before/after evaluation), so a run that games the reward is seen while it runs.
+    c.train.eval_every = 0
     c.train.checkpoint_every = 50  # orbax checkpoint every N steps (and at the end)
     c.train.keep_checkpoints = 3  # newest N checkpoints are kept
     c.train.max_nonfinite_steps = 10  # stop after this many consecutive skipped steps
@@ -99,6 +102,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, num_steps: i
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                 "max_nonfinite_steps"):
         _check(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1")
+    _check(t.eval_every >= 0 and t.image_every >= 0,
+           "config.train.eval_every and image_every must be >= 0 (0: off)")
     _check(t.batch_size % data_parallel == 0,
            f"config.train.batch_size={t.batch_size} is not divisible by the {data_parallel} "
            "data-parallel devices of config.mesh.shape; change one of them")

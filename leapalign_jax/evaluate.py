@@ -1,7 +1,7 @@
 """Evaluation outputs shared by worlds: image folders, prompt records, Fréchet distance.
 
-`task=evaluate` writes, for the latest checkpoint in the workdir (or the base model),
-`DIR/eval/<name>/images/<index>.png`, `prompts.jsonl` (one line per image: file, prompt,
+`task=evaluate` (leapalign_jax/tasks.py) writes, for the latest checkpoint in the
+workdir (or the base model), `DIR/eval/<name>/images/<index>.png`, `prompts.jsonl` (one line per image: file, prompt,
 category, the spec asked for) and `results.json`, so an external checker can score the
 same images.
 """
@@ -9,11 +9,9 @@ same images.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Sequence
 
-import ml_collections
 import numpy as np
 import scipy.linalg
 
@@ -54,20 +52,3 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
                  for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the latest EMA params in `workdir` (the base model if it has none)."""
-    from leapalign_jax import train
-    from leapalign_jax.world import build_world
-
-    world = build_world(config)
-    if world.evaluate is None:
-        raise ValueError(f"world {config.world.name!r} has no evaluation; use "
-                         "--config.task=sample for image grids")
-    params, step = train.trained_params(config, workdir, world)
-    name = config.get("eval_name") or f"step_{step:06d}"
-    results = world.evaluate(params, os.path.join(workdir, "eval", name))
-    logging.info("evaluation %s: %s", name, results)
-    print(format_table({name: results}))
-    return results

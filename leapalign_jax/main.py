@@ -25,20 +25,14 @@ def run(config, workdir: str) -> None:
     """Validates `config` and runs `config.task` in `workdir`."""
     import jax
 
-    from leapalign_jax import config_lib, parallel, train
+    from leapalign_jax import config_lib, parallel, tasks
 
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(config.mesh.shape)
     config_lib.validate(config, parallel.data_parallel_size(mesh), config.world.num_steps)
     os.makedirs(workdir, exist_ok=True)
     logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
-    if config.task == "train":
-        train.train_and_report(config, workdir)
-    elif config.task == "sample":
-        train.sample_from_checkpoint(config, workdir)
-    else:
-        from leapalign_jax import evaluate
-        evaluate.evaluate_checkpoint(config, workdir)
+    tasks.run(config, workdir)
 
 
 def main(argv) -> None:
@@ -56,11 +50,13 @@ def main(argv) -> None:
     workdir = FLAGS.workdir or os.path.join("runs", "default")
     if FLAGS.debug:
         return run(config, workdir)
+    from leapalign_jax.checkpoint import CheckpointError
     from leapalign_jax.config_lib import ConfigError
     from leapalign_jax.train import TrainingError
     try:
         run(config, workdir)
-    except (ConfigError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
+            KeyError) as e:
         message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         _fail((message.strip().splitlines() or [type(e).__name__])[0])
 

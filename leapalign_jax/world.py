@@ -20,36 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from leapalign_jax import flow
-from leapalign_jax.pipeline import Batch, Params, Pipeline
-
-
-@dataclasses.dataclass
-class World:
-    """What the trainer and the evaluator need.
-
-    Attributes:
-      pipe: the static pipeline closed over by the jitted step.
-      params: trainable generator parameters (plain arrays).
-      param_axes: `jax.eval_shape` of the model init (leaves boxed with logical axis
-        names), used to shard params and optimizer state; None replicates everything.
-      frozen: frozen parameters passed to decode/reward (and methods' references).
-      train_batch: `step -> Batch` of numpy arrays; deterministic in step, so the data
-        position of a resumed run is its step.
-      eval_batch: a fixed batch of evaluation prompts for image grids.
-      fingerprint: a JSON-able description checked against checkpoints on resume.
-      evaluate: `(params, out_dir) -> results` writing images, prompts.jsonl and
-        results.json under out_dir (worlds with an exact checker), or None.
-    """
-
-    pipe: Pipeline
-    params: Params
-    param_axes: Any
-    frozen: Params
-    train_batch: Callable[[int], Batch]
-    eval_batch: Batch
-    fingerprint: dict
-    evaluate: Callable[[Params, str], dict] | None = None
+from leapalign_jax import checkpoint, flow
+from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
+from leapalign_jax.pipeline import Batch, Params, Pipeline, World
+from leapalign_jax.toy import world as shapes_world
+from leapalign_jax.weights.flux import load_flux
 
 
 def random_flux_config() -> ml_collections.ConfigDict:
@@ -105,13 +80,10 @@ def _redness_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Arra
 
 
 def build_random_flux(config: ml_collections.ConfigDict) -> World:
-    from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
-
     wc = config.world
     knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.model.to_dict().items()}
     loaded = None
     if wc.init_weights:
-        from leapalign_jax.weights.flux import load_flux
         axes = None if wc.init_axes_dim is None else tuple(wc.init_axes_dim)
         file_config, loaded = load_flux(wc.init_weights, axes_dim=axes)
         knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"])
@@ -145,21 +117,30 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
                  eval_batch=batch_of(np.arange(wc.num_eval_prompts) % wc.num_prompts),
                  fingerprint={"world": "random_flux",
                               "model": json.loads(json.dumps(dataclasses.asdict(mc))),
-                              "latent_shape": [seq, mc.in_channels]})
+                              "latent_shape": [seq, mc.in_channels],
+                              "knobs": _result_knobs(wc),
+                              "init_weights": (checkpoint.file_identity(wc.init_weights)
+                                               if wc.init_weights else None)})
+
+
+def _result_knobs(wc: ml_collections.ConfigDict) -> dict:
+    """The world knobs that change training results (not paths or evaluation sizes)."""
+    skip = {"init_weights", "cache_dir", "num_eval_prompts", "images_per_category",
+            "num_grid_prompts", "eval_steps", "prompt_file"}
+    return {k: v for k, v in json.loads(json.dumps(wc.to_dict(), default=str)).items()
+            if k not in skip}
 
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], World]] = {
     "random_flux": build_random_flux,
+    "shapes": shapes_world.build,
 }
 
 
 def build_world(config: ml_collections.ConfigDict) -> World:
     """The world named by `config.world.name`."""
     name = config.world.name
-    if name == "shapes":
-        from leapalign_jax.toy import world as shapes_world
-        return shapes_world.build(config)
     if name not in _BUILDERS:
         raise ValueError(f"unknown world {name!r}; set config.world.name to one of "
-                         f"{sorted(_BUILDERS) + ['shapes']}")
+                         f"{sorted(_BUILDERS)}")
     return _BUILDERS[name](config)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from leapalign_jax import config_lib, train
+from leapalign_jax import config_lib, tasks, train
 from leapalign_jax.world import build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def start_and_signal(workdir, sig, ready, *overrides):
 def final_params(workdir):
     config = config_lib.load_config(CONFIG)
     world = build_world(config)
-    params, step = train.trained_params(config, str(workdir), world, ema=False)
+    params, step = tasks.latest_params(config, str(workdir), world, field="params")
     return jax.device_get(params), step
 
 
@@ -123,10 +123,11 @@ def test_nonfinite_run_stops_with_last_good_checkpoint_intact(tmp_path):
     good = train.train_and_evaluate(config, str(tmp_path), world)
 
     nan_pipe = dataclasses.replace(world.pipe, reward=lambda f, im, b: jnp.nan * im.sum((1, 2, 3)))
-    config.train.update(steps=50, checkpoint_every=3, max_nonfinite_steps=4)
+    # log_every above the limit: the limit is checked every step, not only when logging.
+    config.train.update(steps=50, checkpoint_every=3, max_nonfinite_steps=4, log_every=10)
     with pytest.raises(train.TrainingError, match="4 consecutive steps"):
         train.train_and_evaluate(config, str(tmp_path), dataclasses.replace(world, pipe=nan_pipe))
-    params, step = train.trained_params(config, str(tmp_path), world, ema=False)
+    params, step = tasks.latest_params(config, str(tmp_path), world, field="params")
     assert step <= 6  # stopped after 4 bad steps, not after 50
     for x, y in zip(jax.tree.leaves(good.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from leapalign_jax import config_lib, sampling, train
+from leapalign_jax import checkpoint, config_lib, sampling, tasks, train
 from leapalign_jax.world import build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,66 @@ def test_resume_is_exact(tmp_path):
     assert int(resumed.step) == 6
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("knob, value", [("method.alpha", 0.1),
+                                         ("optim.learning_rate", 3e-5), ("seed", 1)])
+def test_resume_refuses_a_run_with_other_knobs(tmp_path, knob, value):
+    config = tiny_config(steps=2, checkpoint_every=2)
+    world = build_world(config)
+    train.train_and_evaluate(config, str(tmp_path), world)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    other = tiny_config(steps=4, checkpoint_every=2)
+    if "." in knob:
+        section, name = knob.split(".")
+        other[section][name] = value
+    else:
+        other[knob] = value
+    with pytest.raises(checkpoint.CheckpointError, match=knob.replace(".", r"\.")):
+        train.train_and_evaluate(other, str(tmp_path), build_world(other))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_weights_file_identity_changes_with_content(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"a" * 100)
+    first = checkpoint.file_identity(str(path))
+    path.write_bytes(b"b" * 100)
+    assert checkpoint.file_identity(str(path)) != first
+
+
+def test_inference_restore_reads_ema_params_and_moves_nothing(tmp_path):
+    config = tiny_config(steps=3, checkpoint_every=3)
+    world = build_world(config)
+    state = train.train_and_evaluate(config, str(tmp_path), world)
+    snapshot = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
+                for r, _, files in os.walk(tmp_path / "checkpoints") for f in files}
+    config.train.start_fresh = True  # must not matter for inference
+    params, step = tasks.latest_params(config, str(tmp_path), world)
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(jax.tree.leaves(state.params)[0]),
+                              np.asarray(jax.tree.leaves(params)[0]))
+    after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
+             for r, _, files in os.walk(tmp_path / "checkpoints") for f in files}
+    assert after == snapshot and sorted(os.listdir(tmp_path)) == sorted(
+        ["checkpoints"] + [f for f in os.listdir(tmp_path) if f != "checkpoints"])
+    assert not any(n.startswith("checkpoints.old") for n in os.listdir(tmp_path))
+
+
+def test_hooks_run_on_their_steps_with_step_times(tmp_path):
+    config = tiny_config(steps=5, checkpoint_every=100)
+    calls = []
+
+    def hook(step, state, metrics):
+        calls.append((step, int(state.step), metrics["step_time_s"]))
+        return {"hook/value": float(step)}
+
+    train.train_and_evaluate(config, str(tmp_path), build_world(config),
+                             hooks=[train.Hook(hook, every=2)])
+    assert [c[0] for c in calls] == [2, 4, 5] and all(c[0] == c[1] for c in calls)
+    assert all(c[2] > 0 for c in calls)
 
 
 @pytest.mark.parametrize("method", ["refl", "draft", "draft_lv", "drtune", "alignprop",

@@ -25,9 +25,8 @@ import numpy as np
 from leapalign_jax import evaluate as evaluate_lib
 from leapalign_jax import flow, sampling
 from leapalign_jax.models.flux import Flux, abstract_params, init_params
-from leapalign_jax.pipeline import Batch, Params, Pipeline
+from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import autoencoder, cache, checker, pretrain, prompts, reward, scenes
-from leapalign_jax.world import World
 
 
 def shapes_config() -> ml_collections.ConfigDict:
@@ -200,7 +199,9 @@ def build(config: ml_collections.ConfigDict) -> World:
                  frozen=frozen, train_batch=train_batch, eval_batch=batch_of(grid),
                  fingerprint={"world": "shapes", "model": wc.model.to_dict(),
                               "prompt_file": wc.prompt_file,
-                              "num_steps": wc.num_steps, "seed": wc.seed},
+                              "num_steps": wc.num_steps, "seed": wc.seed,
+                              "guidance_scale": wc.guidance_scale,
+                              "ae_steps": wc.ae_steps, "reward_steps": wc.reward_steps},
                  evaluate=evaluate)
 
 

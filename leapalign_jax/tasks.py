@@ -1,0 +1,113 @@
+"""The tasks `main.py` dispatches on `config.task`: train, sample, evaluate.
+
+Each task builds the world, then calls the trainer, the sampler or the world's evaluator.
+Inference tasks read only the EMA params of the newest checkpoint (`checkpoint.
+restore_params`), never the optimizer state, and never move or change a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from leapalign_jax import checkpoint, evaluate, sampling, train
+from leapalign_jax.pipeline import Params, World
+from leapalign_jax.world import build_world
+
+TASKS = ("train", "sample", "evaluate")
+
+
+def latest_params(config: ml_collections.ConfigDict, workdir: str, world: World,
+                  field: str = "ema_params") -> tuple[Params, int]:
+    """The EMA params (or `field`) of the newest checkpoint in `workdir`, or the world's
+    initial params at step 0 when there is none."""
+    shardings = train.param_shardings(config, world)
+    restored = checkpoint.restore_params(workdir, world.params, shardings, field)
+    if restored is None:
+        logging.info("no checkpoint in %s: using the initial params", workdir)
+        return world.params, 0
+    return restored
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: str,
+                     hooks: tuple[train.Hook, ...] = ()) -> dict[str, dict]:
+    """Trains, then (for worlds with an evaluator) writes and prints a before/after table
+    of the base model and the aligned EMA params on the world's held-out prompts."""
+    world = build_world(config)
+    rows: dict[str, dict] = {}
+    if world.evaluate is not None:
+        base_dir = os.path.join(workdir, "eval", "base")
+        done = os.path.join(base_dir, "results.json")
+        if os.path.exists(done):
+            with open(done, encoding="utf-8") as f:
+                rows["base"] = json.load(f)
+        else:
+            rows["base"] = world.evaluate(world.params, base_dir)
+    if world.evaluate is not None and config.train.eval_every:
+        hooks = (*hooks, train.Hook(_evaluation_hook(world, workdir), config.train.eval_every))
+    state = train.train_and_evaluate(config, workdir, world, hooks)
+    if world.evaluate is not None:
+        step = int(jax.device_get(state.step))
+        rows[f"{config.method.name} (step {step})"] = world.evaluate(
+            state.ema_params, os.path.join(workdir, "eval", f"step_{step:06d}"))
+        table = evaluate.format_table(rows)
+        with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(table)
+    return rows
+
+
+def _evaluation_hook(world: World, workdir: str):
+    """A train hook evaluating the EMA params mid-run; its scalars go to TensorBoard."""
+
+    def hook(step: int, state: train.TrainState, metrics: dict) -> dict[str, float]:
+        del metrics
+        results = world.evaluate(state.ema_params,
+                                 os.path.join(workdir, "eval", f"step_{step:06d}"))
+        logging.info("evaluation at step %d: %s", step, results)
+        return {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+
+    return hook
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Samples the world's evaluation prompts with the latest EMA params; returns the PNG."""
+    world = build_world(config)
+    params, step = latest_params(config, workdir, world)
+    images = sampling.make_sample_fn(world.pipe)(params, world.frozen, world.eval_batch,
+                                                 jax.random.key(config.seed))
+    path = os.path.join(workdir, "samples", f"{step:06d}.png")
+    sampling.save_grid(images, path)
+    logging.info("wrote %s", path)
+    print(path)
+    return path
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the latest EMA params in `workdir` (the base model if it has none)."""
+    world = build_world(config)
+    if world.evaluate is None:
+        raise ValueError(f"world {config.world.name!r} has no evaluation; use "
+                         "--config.task=sample for image grids")
+    params, step = latest_params(config, workdir, world)
+    name = config.get("eval_name") or f"step_{step:06d}"
+    results = world.evaluate(params, os.path.join(workdir, "eval", name))
+    logging.info("evaluation %s: %s", name, results)
+    print(evaluate.format_table({name: results}))
+    return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Runs `config.task` in `workdir` (the config is already validated)."""
+    if config.task == "train":
+        return train_and_report(config, workdir)
+    if config.task == "sample":
+        return sample(config, workdir)
+    if config.task == "evaluate":
+        return evaluate_checkpoint(config, workdir)
+    raise ValueError(f"config.task={config.task!r}: use one of {TASKS}")
