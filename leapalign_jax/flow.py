@@ -5,7 +5,9 @@ Conventions (ALGORITHM.md): `x_t = (1 - t) x_clean + t noise`; a schedule decrea
 
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_theta(x_i, sigma_i),
 
-and a *leap* is the same step between any two noise levels (`euler_step`).
+and a *leap* is the same step between any two noise levels (`euler_step`); the leap to
+`sigma = 0` is the one-step clean estimate (`clean_estimate`). `euler_rollout` runs the ODE
+without gradient, `euler_chain` with it (optionally through its last steps only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ Params = Any  # a pytree of arrays
 # (params, x (B, ...), sigma (B,)) -> velocity (B, ...)
 StepVelocityFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 
-sg = jax.lax.stop_gradient
+sg = jax.lax.stop_gradient  # the one alias of stop_gradient; the methods import it from here
 
 
 # --------------------------------------------------------------------------- schedules
@@ -136,10 +138,14 @@ def text_ids(seq_len: int) -> np.ndarray:
 # --------------------------------------------------------------------------- Euler ODE
 
 
-def _per_sample(s: jax.Array, x: jax.Array) -> jax.Array:
-    """Scalar or (B,) -> (B, 1, ..., 1), broadcastable against the batch-first `x`."""
-    s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape[:1])
-    return s.reshape(s.shape + (1,) * (x.ndim - 1))
+def per_sample(s: jax.Array | float, like: jax.Array) -> jax.Array:
+    """Scalar or (B,) -> float32 (B, 1, ..., 1), broadcastable against the batch-first `like`.
+
+    Noise levels stay float32 whatever `like`'s dtype: the difference of two nearby sigmas
+    (an Euler step size) would lose most of its digits in bfloat16.
+    """
+    s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), like.shape[:1])
+    return s.reshape(s.shape + (1,) * (like.ndim - 1))
 
 
 def euler_step(velocity_fn: StepVelocityFn, params: Params, x: jax.Array,
@@ -150,9 +156,15 @@ def euler_step(velocity_fn: StepVelocityFn, params: Params, x: jax.Array,
     as (B,). Gradients flow through `params` and `x`; the rollout detaches them itself.
     """
     s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
-    dt = _per_sample(sigma_next, x) - _per_sample(s, x)
+    dt = per_sample(sigma_next, x) - per_sample(s, x)
     v = velocity_fn(params, x, s)
     return (x + dt * v).astype(x.dtype)
+
+
+def clean_estimate(velocity_fn: StepVelocityFn, params: Params, x: jax.Array,
+                   sigma: jax.Array | float) -> jax.Array:
+    """One leap to the clean latent, `x - sigma v_theta(x, sigma)` (sigma scalar or (B,))."""
+    return euler_step(velocity_fn, params, x, sigma, 0.0)
 
 
 def euler_rollout(velocity_fn: StepVelocityFn, params: Params, x0: jax.Array,
@@ -196,3 +208,84 @@ def sample(velocity_fn: StepVelocityFn, params: Params, x0: jax.Array,
            sigmas: np.ndarray | jax.Array) -> jax.Array:
     """The clean latent `x_T` of the Euler ODE from noise `x0` (jit it at the call site)."""
     return euler_rollout(velocity_fn, params, x0, sigmas)[0]
+
+
+def euler_chain(velocity_fn: StepVelocityFn, params: Params, x: jax.Array,
+                sigmas: np.ndarray | jax.Array, *, remat: bool = True,
+                grad_from: jax.Array | int | None = None) -> jax.Array:
+    """Euler steps from `x` through the schedule `sigmas` (n + 1,), gradient on.
+
+    Without `grad_from` the gradient is the chain rule through all n steps; `remat`
+    recomputes each step's activations in the backward pass, so memory holds n latents
+    instead of n steps' activations. With `grad_from` (a static or traced step index in
+    [0, n]) only steps `grad_from .. n-1` carry gradient (AlignProp's truncation): the
+    backward pass recomputes and differentiates those steps alone, so the detached ones
+    cost no backward work (`_truncated_chain`). Gradient reaches `x` only if `grad_from`
+    is 0. The truncated chain always recomputes its steps (`remat=False` is refused there).
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+
+    def step(p, x, s, s_next):
+        return euler_step(velocity_fn, p, x, s, s_next)
+
+    if grad_from is not None:
+        if not remat:
+            raise ValueError("euler_chain with grad_from recomputes every differentiated step "
+                             "in the backward pass; pass remat=True (or no grad_from)")
+        return _truncated_chain(step, params, x, sigmas, grad_from)
+    if remat:
+        step = jax.checkpoint(step, prevent_cse=False)  # inside scan CSE is no concern
+
+    def body(x, xs):
+        s, s_next = xs
+        return step(params, x, s, s_next), None
+
+    x, _ = jax.lax.scan(body, x, (sigmas[:-1], sigmas[1:]))
+    return x
+
+
+def _truncated_chain(step: Callable[..., jax.Array], params: Params, x: jax.Array,
+                     sigmas: jax.Array, grad_from: jax.Array | int) -> jax.Array:
+    """`euler_chain` whose gradient runs through steps `grad_from .. n-1` only.
+
+    A custom VJP: the forward pass is the plain scan and keeps each step's input latent
+    (n latents, as a rematerialised chain does); the backward pass is a while loop from step
+    n - 1 down to `grad_from` that recomputes one step and applies its VJP. Steps before
+    `grad_from` are never visited, where masking their outputs with stop_gradient inside a
+    scan would still run (and rematerialise) every step's backward with zero cotangents.
+    """
+    num_steps = sigmas.shape[0] - 1
+    first = jnp.clip(jnp.asarray(grad_from, jnp.int32), 0, num_steps)
+
+    def forward(p, x0):
+        def body(x, xs):
+            s, s_next = xs
+            return step(p, x, s, s_next), x
+        return jax.lax.scan(body, x0, (sigmas[:-1], sigmas[1:]))
+
+    @jax.custom_vjp
+    def chain(p, x0):
+        return forward(p, x0)[0]
+
+    def chain_fwd(p, x0):
+        x_last, inputs = forward(p, x0)  # inputs[i] = x_i, the latent before step i
+        return x_last, (p, inputs)
+
+    def chain_bwd(res, g):
+        p, inputs = res
+
+        def body(carry):
+            i, gp, gx = carry
+            _, vjp = jax.vjp(lambda p_, x_: step(p_, x_, sigmas[i], sigmas[i + 1]),
+                             p, inputs[i])
+            dp, gx = vjp(gx)
+            return i - 1, jax.tree.map(jnp.add, gp, dp), gx
+
+        zeros = jax.tree.map(jnp.zeros_like, p)
+        _, gp, gx = jax.lax.while_loop(lambda c: c[0] >= first, body,
+                                       (jnp.int32(num_steps - 1), zeros, g))
+        # gx is now the cotangent of x_first: it reaches the input only if no step is detached.
+        return gp, jnp.where(first == 0, gx, jnp.zeros_like(gx))
+
+    chain.defvjp(chain_fwd, chain_bwd)
+    return chain(params, x)

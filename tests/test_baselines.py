@@ -183,6 +183,36 @@ def test_draft_lv_value_and_gradient_average_the_copies():
     assert_grads(grads, expected)
 
 
+def test_draft_lv_hinge_applies_to_each_copy():
+    """Copies straddling lambda: the loss is mean_i relu(lambda - r_i), not relu(lambda - mean)."""
+    n = 2
+    rng = jax.random.key(4)
+    rng_noise, rng_lv = jax.random.split(rng)
+    x_clean = rollout_np(jax.random.normal(rng_noise, (B, L, C)), SIGMAS)[-1]
+    s = float(SIGMAS[T - 1])
+    xs, x_hats, rewards = [], [], []
+    for i in range(n):
+        eps = np.asarray(jax.random.normal(jax.random.fold_in(rng_lv, i), (B, L, C)))
+        xs.append((1.0 - s) * x_clean + s * eps)
+        x_hats.append(xs[-1] - s * v_np(xs[-1], s))
+        rewards.append(-np.mean((x_hats[-1] - TARGET) ** 2, axis=(1, 2)))
+    rewards = np.stack(rewards)  # (n, B)
+    lam = float(np.mean(rewards[:, 0]))  # sample 0's copies lie on both sides of lambda
+    assert rewards[:, 0].min() < lam < rewards[:, 0].max()
+    value, metrics, grads = method_grad("draft_lv", config("draft_lv", n=n, hinge_lambda=lam),
+                                        rng)
+    per_copy = np.mean(np.maximum(lam - rewards, 0.0))
+    of_mean = np.mean(np.maximum(lam - rewards.mean(axis=0), 0.0))
+    assert abs(per_copy - of_mean) > 1e-3  # the two readings differ here
+    np.testing.assert_allclose(float(value), per_copy, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["reward_mean"]), rewards.mean(), rtol=1e-4)
+    expected = {"w": 0.0, "b": 0.0}
+    for i in range(n):
+        active = (rewards[i] < lam).astype(np.float64)[:, None, None]
+        expected = add(expected, dv_dparams(xs[i], s, -s * active * dloss_dx(x_hats[i]) / n))
+    assert_grads(grads, expected)
+
+
 # ------------------------------------------------------------------------- DRTune
 
 
@@ -232,7 +262,7 @@ def test_full_backprop_closed_form_product_of_step_jacobians():
     """dx_T/db through all steps: sum_i (1 + s_i) ds_i prod_{j>i} (I + ds_j M)."""
     x0 = jnp.asarray(_rs.standard_normal((1, L, C)), jnp.float32)
     cond = jnp.zeros((1, C))
-    jac = jax.jacobian(lambda b: alignprop.euler_chain(
+    jac = jax.jacobian(lambda b: flow.euler_chain(
         lambda p, x, s: linear_velocity(p, x, s, cond), {"w": PARAMS["w"], "b": b}, x0,
         SIGMAS)[0, 0])(jnp.asarray(PARAMS["b"]))
     expected = np.zeros((C, C))
@@ -256,6 +286,38 @@ def test_alignprop_truncation_keeps_the_last_k_steps(seed):
     assert_grads(grads, chain_grad(xs, dloss_dx(xs[-1]), T - k))
 
 
+def test_truncated_chain_differentiates_only_the_last_k_steps():
+    """The backward pass evaluates the velocity's VJP K' times, not T times (runtime count)."""
+    calls = []
+
+    @jax.custom_vjp
+    def counted(v):
+        return v
+
+    def counted_bwd(_, g):
+        jax.debug.callback(lambda: calls.append(1))
+        return (g,)
+
+    counted.defvjp(lambda v: (v, None), counted_bwd)
+    cond = jnp.asarray(BATCH["cond"])
+    velocity = lambda p, x, s: counted(linear_velocity(p, x, s, cond))  # noqa: E731
+    x0 = jax.random.normal(jax.random.key(10), (B, L, C))
+    grad = jax.jit(jax.grad(lambda p, k: jnp.sum(flow.euler_chain(
+        velocity, p, x0, SIGMAS, grad_from=T - k) ** 2)))
+    for k in (1, 3, T):
+        calls.clear()
+        jax.block_until_ready(grad(PARAMS, k))
+        assert len(calls) == k, (k, len(calls))
+    # Without truncation every step is differentiated.
+    calls.clear()
+    jax.block_until_ready(jax.jit(jax.grad(lambda p: jnp.sum(flow.euler_chain(
+        velocity, p, x0, SIGMAS) ** 2)))(PARAMS))
+    assert len(calls) == T
+    with pytest.raises(ValueError, match="remat"):
+        method_grad("alignprop", config("alignprop", truncate=True, remat=False),
+                    jax.random.key(0))
+
+
 # ------------------------------------------------------------------------- objective
 
 
@@ -271,9 +333,28 @@ def test_objective_switch_and_errors():
         method_grad("draft", config("draft", k=T + 1), rng)
     with pytest.raises(ValueError, match="t_min"):
         method_grad("drtune", config("drtune", t_min=T), rng)
-    for name in ("refl", "draft", "draft_lv", "drtune", "alignprop", "grpo"):
+    for name in ("refl", "draft", "draft_lv", "drtune", "alignprop"):
         cfg = methods.default_config(name)
         assert cfg.hinge_lambda == 0.55 and cfg.objective == "hinge", name
+    assert "objective" not in methods.default_config("grpo")  # GRPO ranks the raw reward
+
+
+def test_registry_rows():
+    assert methods.names() == sorted(methods.METHODS)
+    assert set(methods.names()) == {"leapalign", "refl", "draft", "draft_lv", "drtune",
+                                    "alignprop", "grpo"}
+    assert methods.get_loss("draft_lv") is methods.METHODS["draft_lv"].loss
+    assert methods.get_loss("refl") is refl.loss
+    for name in methods.names():
+        cfg = methods.default_config(name)
+        assert cfg.name == name
+        assert methods.needs_reference(cfg) is False, name
+    cfg = methods.default_config("grpo")
+    cfg.kl_coef = 0.04
+    assert methods.needs_reference(cfg) is True
+    for fn in (methods.get_loss, methods.default_config):
+        with pytest.raises(ValueError, match="unknown method"):
+            fn("ppo")
 
 
 # ------------------------------------------------------------------------- GRPO
@@ -334,7 +415,7 @@ def grpo_config(**overrides):
 
 def test_grpo_ratio_is_one_and_rollout_logps_match():
     batch = {"cond": _rs.standard_normal((4, C)).astype(np.float32)}
-    value, metrics, grads = method_grad("grpo", grpo_config(objective="neg_reward"),
+    value, metrics, grads = method_grad("grpo", grpo_config(),
                                         jax.random.key(12), batch=batch)
     assert float(metrics["ratio_mean"]) == 1.0
     assert float(metrics["clip_frac"]) == 0.0
@@ -358,6 +439,77 @@ def test_grpo_gradient_is_zero_when_rewards_tie_within_groups():
     _, _, grads = method_grad("grpo", grpo_config(repeat_prompts=False), jax.random.key(13),
                               pipe, batch)
     assert max(float(jnp.abs(g).max()) for g in grads.values()) > 1e-6
+
+
+def test_grpo_ranks_raw_rewards_even_above_lambda():
+    """Every reward above lambda: the group still has non-zero advantages and a gradient."""
+    batch = {"cond": _rs.standard_normal((4, C)).astype(np.float32),
+             "score": np.array([0.8, 0.9, 0.7, 0.95], np.float32)}
+    pipe = Pipeline(linear_velocity, PIPE.decode,
+                    lambda f, images, b: b["score"] + 0.0 * jnp.sum(images, axis=(1, 2)),
+                    SIGMAS, (L, C))
+    cfg = grpo_config(repeat_prompts=False, hinge_lambda=0.55)
+    _, metrics, grads = method_grad("grpo", cfg, jax.random.key(13), pipe, batch)
+    np.testing.assert_allclose(float(metrics["advantage_abs_mean"]), 1.0, rtol=1e-2)
+    assert max(float(jnp.abs(g).max()) for g in grads.values()) > 1e-6
+
+
+def sde_rollout_np(x0, cond, rng_sde, a):
+    """Flow-GRPO's SDE in float64 numpy, drawing step i's noise like the loss does."""
+    sigma_max = float(SIGMAS[1])
+    xs = [np.asarray(x0, np.float64)]
+    for i in range(T - 1):
+        x, t, t_next = xs[-1], float(SIGMAS[i]), float(SIGMAS[i + 1])
+        mean, std = sde_mean_std_np(x, t, t_next, cond, a, sigma_max)
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(rng_sde, i), x.shape))
+        xs.append(mean + std * noise)
+    xs.append(xs[-1] + (float(SIGMAS[T]) - float(SIGMAS[T - 1])) *
+              v_cond_np(xs[-1], SIGMAS[T - 1], cond))
+    return xs
+
+
+def v_cond_np(x, sigma, cond):
+    sigma = np.broadcast_to(np.asarray(sigma, np.float64), (x.shape[0],))
+    return x @ M + (1.0 + sigma)[:, None, None] * PARAMS["b"].astype(np.float64) + \
+        cond.astype(np.float64)[:, None]
+
+
+def sde_mean_std_np(x, t, t_next, cond, a, sigma_max):
+    dt = t_next - t
+    sig = a * np.sqrt(t / (1.0 - min(t, sigma_max)))
+    v = v_cond_np(x, t, cond)
+    return x + (v + sig ** 2 / (2 * t) * (x + (1 - t) * v)) * dt, sig * np.sqrt(-dt)
+
+
+def test_grpo_gradient_is_minus_mean_advantage_times_score():
+    """grad = -mean_{b,k} A_b dlogp_bk/dtheta, A_b the group-normalised RAW reward."""
+    b, g, k = 4, 4, 3
+    cond = _rs.standard_normal((b, C)).astype(np.float32)
+    rng = jax.random.key(14)
+    rng_noise, rng_sde, rng_steps = jax.random.split(rng, 3)
+    cfg = grpo_config(group_size=g, num_train_timesteps=k, repeat_prompts=False)
+    a = float(cfg.noise_level)
+    xs = sde_rollout_np(jax.random.normal(rng_noise, (b, L, C)), cond, rng_sde, a)
+    r = -np.mean((xs[-1] - TARGET) ** 2, axis=(1, 2))
+    # lambda between the rewards: a hinge on r would tie the two best samples at 0.
+    cfg.hinge_lambda = float(np.mean(np.sort(r)[1:3]))
+    adv = (r - r.mean()) / (r.std() + cfg.adv_eps)
+    steps = np.asarray(grpo.sample_train_steps(rng_steps, b, T - 1, k))
+    expected = {"w": np.zeros((C, C)), "b": np.zeros(C)}
+    for i in range(b):
+        for j in range(k):
+            t = steps[i, j]
+            x, x_next = xs[t][i:i + 1], xs[t + 1][i:i + 1]
+            s, s_next = float(SIGMAS[t]), float(SIGMAS[t + 1])
+            mean, std = sde_mean_std_np(x, s, s_next, cond[i:i + 1], a, float(SIGMAS[1]))
+            sig2 = std ** 2 / (s_next - s) * -1.0  # sig_t^2
+            dmean_dv = (1.0 + sig2 / (2 * s) * (1 - s)) * (s_next - s)
+            dlogp_dv = dmean_dv * (x_next - mean) / std ** 2 / (L * C)
+            expected = add(expected, dv_dparams(x, s, -adv[i] * dlogp_dv / (b * k)))
+    _, metrics, grads = method_grad("grpo", cfg, rng, batch={"cond": cond})
+    np.testing.assert_allclose(float(metrics["advantage_abs_mean"]), np.abs(adv).mean(),
+                               rtol=1e-4)
+    assert_grads(grads, expected, rtol=1e-3, atol=1e-6)
 
 
 def test_grpo_bad_batch_and_missing_reference_raise():

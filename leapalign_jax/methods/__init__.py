@@ -3,47 +3,78 @@
     loss(params, frozen, batch, rng, pipe, cfg) -> (scalar loss, flat dict of scalar metrics)
 
 `pipe` is a `leapalign_jax.pipeline.Pipeline`, `cfg` the method's ConfigDict
-(`config.method`), and `default_config()` in the same module documents its knobs.
+(`config.method`), and the method's default config documents its knobs. `METHODS` is the
+registry: one row per method name.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-# name -> module under leapalign_jax.methods; imported lazily so a method's extra
-# dependencies are only needed when it runs.
-_MODULES = {
-    "leapalign": "leapalign",
-    "refl": "refl",
-    "draft": "draft",
-    "draft_lv": "draft",
-    "drtune": "drtune",
-    "alignprop": "alignprop",
-    "grpo": "grpo",
+import ml_collections
+
+from leapalign_jax.methods import alignprop, draft, drtune, grpo, leapalign, refl
+
+LossFn = Callable[..., tuple[Any, dict[str, Any]]]
+
+
+def _never(cfg: Any) -> bool:
+    del cfg
+    return False
+
+
+class Method(NamedTuple):
+    """One registry row.
+
+    Attributes:
+      loss: `loss(params, frozen, batch, rng, pipe, cfg) -> (loss, metrics)`.
+      default_config: `() -> ConfigDict`, the documented default knobs.
+      needs_reference: `cfg -> bool`, whether `loss` reads `frozen["reference"]` (the
+        frozen initial params) under `cfg`.
+    """
+
+    loss: LossFn
+    default_config: Callable[[], ml_collections.ConfigDict]
+    needs_reference: Callable[[Any], bool] = _never
+
+
+METHODS: dict[str, Method] = {
+    "leapalign": Method(leapalign.loss, leapalign.default_config),
+    "refl": Method(refl.loss, refl.default_config),
+    "draft": Method(draft.draft_loss, draft.draft_config),
+    "draft_lv": Method(draft.draft_lv_loss, draft.draft_lv_config),
+    "drtune": Method(drtune.loss, drtune.default_config),
+    "alignprop": Method(alignprop.loss, alignprop.default_config),
+    "grpo": Method(grpo.loss, grpo.default_config, grpo.needs_reference),
 }
 
 
 def names() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(METHODS)
 
 
-def _module(name: str) -> Any:
-    if name not in _MODULES:
+def _method(name: str) -> Method:
+    if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {names()}")
-    return importlib.import_module(f"leapalign_jax.methods.{_MODULES[name]}")
+    return METHODS[name]
 
 
-def get_loss(name: str) -> Callable[..., Any]:
+def get_loss(name: str) -> LossFn:
     """The loss function of method `name` (see the module docstring for its signature)."""
-    module = _module(name)
-    return getattr(module, f"{name}_loss", None) or module.loss
+    return _method(name).loss
 
 
-def default_config(name: str) -> Any:
+def default_config(name: str) -> ml_collections.ConfigDict:
     """The documented default ConfigDict of method `name`, with `name` set."""
-    module = _module(name)
-    make = getattr(module, f"{name}_config", None) or module.default_config
-    cfg = make()
+    cfg = _method(name).default_config()
     cfg.name = name
     return cfg
+
+
+def needs_reference(cfg: Any) -> bool:
+    """Whether method `cfg.name`'s loss reads `frozen["reference"]` under `cfg`.
+
+    The trainer then puts the frozen reference (initial) params there, e.g. for GRPO's KL
+    to the reference policy (kl_coef > 0).
+    """
+    return bool(_method(cfg.name).needs_reference(cfg))

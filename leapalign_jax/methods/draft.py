@@ -4,7 +4,8 @@
   with gradient, so `dx_T/dtheta` is the chain rule through those K steps alone.
 - **DRaFT-LV** (K = 1, lower variance) rolls out to the clean latent `x_T`, re-noises it
   n times to the last step's noise level, `x = (1 - s) x_T + s eps` with `s = sigma_{T-1}`,
-  takes one gradient step `x - s v_theta(x, s)` from each, and averages the n rewards.
+  takes one gradient step `x - s v_theta(x, s)` from each, and averages the n copies'
+  per-sample objectives (the hinge applies to each copy's own reward).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.methods import alignprop, refl
+from leapalign_jax.methods.objectives import objective, reward_metrics
 from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
 
 
@@ -32,9 +33,9 @@ def draft_config() -> ml_collections.ConfigDict:
 def draft_lv_config() -> ml_collections.ConfigDict:
     """DRaFT-LV; paper default n = 2 re-noised copies."""
     c = ml_collections.ConfigDict()
-    c.n = 2  # re-noised copies of x_T whose one-step rewards are averaged
+    c.n = 2  # re-noised copies of x_T whose one-step objectives are averaged
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
-    # "hinge": relu(hinge_lambda - r) of the n-averaged reward r; "neg_reward": -r
+    # Per copy: "hinge": relu(hinge_lambda - r_copy); "neg_reward": -r_copy
     c.objective = "hinge"
     return c
 
@@ -58,20 +59,22 @@ def draft_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     velocity = conditioned_velocity(pipe, batch)
     # No-gradient rollout of the first T - K steps, then K steps with gradient.
     x_start, _ = flow.euler_rollout(velocity, params, x0, pipe.sigmas[:num_steps - k + 1])
-    x_clean = alignprop.euler_chain(velocity, params, x_start, pipe.sigmas[num_steps - k:],
-                                    remat=k > 1)
+    x_clean = flow.euler_chain(velocity, params, x_start, pipe.sigmas[num_steps - k:],
+                               remat=k > 1)
 
     rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
-    value = jnp.mean(refl.objective(rewards, cfg))
-    return value, refl.reward_metrics(value, rewards)
+    value = jnp.mean(objective(rewards, cfg))
+    return value, reward_metrics(value, rewards)
 
 
 def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
                   pipe: Pipeline, cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """DRaFT-LV loss `mean_b objective(mean_i r(decode(x_i - s v_theta(x_i, s))))`.
+    """DRaFT-LV loss `mean_b mean_i objective(r(decode(x_i - s v_theta(x_i, s))))`.
 
     `rng` splits into (noise, re-noise); copy i draws its noise from
-    `fold_in(re-noise key, i)`. The objective applies to the n-averaged reward.
+    `fold_in(re-noise key, i)`. The objective is per sample, so it applies to each copy's
+    reward before the average over copies (a hinge of the averaged reward would stop
+    pushing a copy below lambda whenever its twin lies far enough above).
     """
     n = int(cfg.n)
     if n < 1:
@@ -87,12 +90,11 @@ def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     for i in range(n):
         x = renoise(x_clean, jax.random.normal(jax.random.fold_in(rng_lv, i), x_clean.shape,
                                                x_clean.dtype), s)
-        x_hat = refl.clean_estimate(velocity, params, x, s)
+        x_hat = flow.clean_estimate(velocity, params, x, s)
         copies.append(pipe.reward(frozen, pipe.decode(frozen, x_hat), batch))
     copies = jnp.stack(copies)  # (n, B)
-    rewards = jnp.mean(copies, axis=0)
 
-    value = jnp.mean(refl.objective(rewards, cfg))
-    metrics = refl.reward_metrics(value, rewards)
+    value = jnp.mean(objective(copies, cfg))
+    metrics = reward_metrics(value, copies)
     metrics["copy_reward_std"] = jnp.mean(jnp.std(copies, axis=0))  # spread over the n copies
     return value, metrics

@@ -25,10 +25,9 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import flow
-from leapalign_jax.methods import refl
+from leapalign_jax.flow import sg
+from leapalign_jax.methods.objectives import objective, reward_metrics
 from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
-
-sg = jax.lax.stop_gradient
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -83,18 +82,18 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     velocity = conditioned_velocity(pipe, batch)
     chain = jnp.asarray(chain_sigmas(pipe.sigmas, t_min))
     x_stop, kept = flow.euler_rollout(velocity, params, x0, chain[:-1], keep=steps)
-    x_value = sg(refl.clean_estimate(velocity, sg(params), x_stop, chain[t_min]))
+    x_value = sg(flow.clean_estimate(velocity, sg(params), x_stop, chain[t_min]))
 
     # Gradient part: the training steps' increments with gradient on v only.
     increments = 0.0
     for i in range(k):
         t = steps[:, i]
-        dt = (chain[t + 1] - chain[t]).reshape((-1,) + (1,) * (x0.ndim - 1))
+        dt = flow.per_sample(chain[t + 1] - chain[t], x0)
         increments = increments + dt * velocity(params, kept[:, i], chain[t])
     x_clean = x_value + (increments - sg(increments))  # value of the chain, gradient of v
 
     rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
-    value = jnp.mean(refl.objective(rewards, cfg))
-    metrics = refl.reward_metrics(value, rewards)
+    value = jnp.mean(objective(rewards, cfg))
+    metrics = reward_metrics(value, rewards)
     metrics["train_step_mean"] = jnp.mean(steps.astype(jnp.float32))
     return value, metrics

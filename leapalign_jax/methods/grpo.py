@@ -5,10 +5,12 @@ Sampling explores with Flow-GRPO's SDE, whose marginals match the ODE's:
     x_next = x + [v + sig_t^2 / (2t) (x + (1 - t) v)] dt + sig_t sqrt(-dt) eps,
     sig_t = a sqrt(t / (1 - t)),   dt = sigma_next - sigma < 0,
 
-so each transition is Gaussian with a log-probability under the policy. Rewards become
-group-relative advantages `(r - mean_group) / (std_group + eps)` over samples of the same
-prompt, and the loss is PPO's clipped surrogate on the ratio `exp(logp_new - logp_old)`,
-plus an optional KL to the frozen reference. The reward enters only through sg(advantage).
+so each transition is Gaussian with a log-probability under the policy. The raw rewards
+become group-relative advantages `(r - mean_group) / (std_group + eps)` over samples of
+the same prompt (as in Flow-GRPO and DanceGRPO; no hinge: a hinge would tie every sample
+above lambda at 0 and leave a group of good samples without signal), and the loss is
+PPO's clipped surrogate on the ratio `exp(logp_new - logp_old)`, plus an optional KL to
+the frozen reference. The reward enters only through sg(advantage).
 
 Guards: at `t = 1` the `1 - t` of sig_t is taken at `sigma_max = sigma_1` (Flow-GRPO's
 choice), and the final step (to sigma_T = 0) is a plain Euler step: the clean sample is
@@ -34,17 +36,16 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import flow
-from leapalign_jax.methods import refl
+from leapalign_jax.flow import sg
+from leapalign_jax.methods.objectives import reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
                                     conditioned_velocity, initial_noise)
-
-sg = jax.lax.stop_gradient
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Flow-GRPO / DanceGRPO defaults, with the ReFL-style hinge shared by all baselines."""
+    """Flow-GRPO / DanceGRPO defaults."""
     c = ml_collections.ConfigDict()
     # Samples per prompt; B must be a multiple. 8 divides the paper's 64-prompt batch
     # (DanceGRPO uses 12, Flow-GRPO 24 images per prompt).
@@ -60,10 +61,15 @@ def default_config() -> ml_collections.ConfigDict:
     # KL to the reference policy (frozen["reference"]) at the training steps; 0: none
     # (DanceGRPO: 0; Flow-GRPO: 0.04).
     c.kl_coef = 0.0
-    c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
-    # The score ranked within a group: "hinge": -relu(hinge_lambda - r); "neg_reward": r.
-    c.objective = "hinge"
+    # Not used: advantages normalise the raw reward within each group. Kept so that a
+    # config setting the hinge lambda for every method stays valid for GRPO too.
+    c.hinge_lambda = 0.55
     return c
+
+
+def needs_reference(cfg: Any) -> bool:
+    """Whether the loss reads the reference policy's params, `frozen["reference"]`."""
+    return cfg.kl_coef > 0
 
 
 # --------------------------------------------------------------------------- pieces
@@ -84,10 +90,8 @@ def sde_mean_std(v: jax.Array, x: jax.Array, sigma: jax.Array | float,
     `sigma`, `sigma_next` are scalars or (B,); std is (B, 1, ..., 1). At `sigma = 1` the
     `1 - t` of sig_t uses `sigma_max` instead (sig_t would be infinite).
     """
-    t = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
-    t = t.reshape(t.shape + (1,) * (x.ndim - 1))
-    t_next = jnp.broadcast_to(jnp.asarray(sigma_next, jnp.float32), x.shape[:1])
-    dt = t_next.reshape(t.shape) - t
+    t = flow.per_sample(sigma, x)
+    dt = flow.per_sample(sigma_next, x) - t
     sig = noise_level * jnp.sqrt(t / (1.0 - jnp.minimum(t, sigma_max)))
     mean = x + (v + sig ** 2 / (2.0 * t) * (x + (1.0 - t) * v)) * dt
     return mean, sig * jnp.sqrt(-dt)
@@ -144,14 +148,14 @@ def _check_groups(batch_size: int, group_size: int) -> None:
                          f"group_size={group_size}; make the batch a multiple of it")
 
 
-def group_advantages(scores: jax.Array, group_size: int, eps: float = 1e-4) -> jax.Array:
-    """`(r - mean_group) / (std_group + eps)` over consecutive groups, (B,).
+def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-4) -> jax.Array:
+    """`(r - mean_group) / (std_group + eps)` over consecutive groups of raw rewards, (B,).
 
     Raises ValueError if B is not a multiple of group_size.
     """
-    b = scores.shape[0]
+    b = rewards.shape[0]
     _check_groups(b, group_size)
-    g = scores.reshape(b // group_size, group_size)
+    g = rewards.reshape(b // group_size, group_size)
     adv = (g - jnp.mean(g, axis=1, keepdims=True)) / (jnp.std(g, axis=1, keepdims=True) + eps)
     return adv.reshape(b)
 
@@ -209,7 +213,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     k = min(int(cfg.num_train_timesteps), num_steps - 1)
     if k < 1:
         raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps} must be >= 1")
-    if cfg.kl_coef > 0 and "reference" not in frozen:
+    if needs_reference(cfg) and "reference" not in frozen:
         raise ValueError("kl_coef > 0 needs the reference params in frozen['reference']; "
                          "add them or set kl_coef=0")
     if cfg.repeat_prompts:
@@ -224,13 +228,13 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
                                           noise_level=cfg.noise_level)
 
     rewards = sg(pipe.reward(frozen, pipe.decode(frozen, x_clean), batch))
-    advantages = group_advantages(-refl.objective(rewards, cfg), g, cfg.adv_eps)
+    advantages = group_advantages(rewards, g, cfg.adv_eps)
     advantages = sg(jnp.clip(advantages, -cfg.adv_clip, cfg.adv_clip))
 
     steps = sample_train_steps(rng_steps, b, num_steps - 1, k)
     x_t, x_next, logp_rollout = _take(latents, steps), _take(latents, steps + 1), \
         jnp.take_along_axis(logps, steps, axis=1)
-    use_kl = cfg.kl_coef > 0
+    use_kl = needs_reference(cfg)
 
     @jax.checkpoint
     def step_terms(p, x, x_n, t):
@@ -259,7 +263,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     value = policy_loss + cfg.kl_coef * jnp.mean(kl)
 
     ratio = jnp.exp(logp_new - logp_old)
-    metrics = refl.reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards)
     metrics.update({
         "policy_loss": policy_loss,
         "kl": jnp.mean(kl),

@@ -9,20 +9,17 @@ each sample by how closely its leaps agree with the long trajectory.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
+from leapalign_jax.flow import sg
+from leapalign_jax.methods.objectives import hinge, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
                                     conditioned_velocity, initial_noise)
-
-sg = jax.lax.stop_gradient
-
-# (params, x (B, ...), sigma (B,)) -> velocity (B, ...)
-LeapVelocityFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 
 
 class LeapOutput(NamedTuple):
@@ -50,16 +47,11 @@ def _connect(real: jax.Array, leap: jax.Array) -> jax.Array:
     return real + (leap - sg(leap))
 
 
-def _per_sample(s: jax.Array, like: jax.Array) -> jax.Array:
-    """(B,) -> (B, 1, ..., 1), broadcastable against the batch-first latent `like`."""
-    return jnp.reshape(s, s.shape + (1,) * (like.ndim - 1)).astype(like.dtype)
-
-
 def _mean_abs(d: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(d), axis=tuple(range(1, d.ndim)))
 
 
-def leap_to_clean(velocity_fn: LeapVelocityFn, params: Params, x_k: jax.Array,
+def leap_to_clean(velocity_fn: flow.StepVelocityFn, params: Params, x_k: jax.Array,
                   x_j: jax.Array, x_clean: jax.Array, sigma_k: jax.Array,
                   sigma_j: jax.Array, *, alpha: float, tau: float) -> LeapOutput:
     """Leap 1 (`x_k -> x_j`), connector, leap 2 (`x_j -> clean`), connector, weight.
@@ -71,15 +63,16 @@ def leap_to_clean(velocity_fn: LeapVelocityFn, params: Params, x_k: jax.Array,
 
     and `weight`, `d_j`, `d_clean` carry none.
     """
-    s_k, s_j = _per_sample(sigma_k, x_k), _per_sample(sigma_j, x_k)
     x_k, x_j, x_clean = sg(x_k), sg(x_j), sg(x_clean)
 
     # Leap 1, from the detached rollout latent x_k.
-    xhat_j = x_k + (s_j - s_k) * velocity_fn(params, x_k, sigma_k)
+    xhat_j = flow.euler_step(velocity_fn, params, x_k, sigma_k, sigma_j)
     xtil_j = _connect(x_j, xhat_j)
-    # Leap 2's input has value x_j; only the fraction alpha of the nested gradient passes.
+    # Leap 2 starts from xtil_j, but its velocity input passes only the fraction alpha of
+    # the nested gradient (its value is x_j either way).
     u = sg(xtil_j) + alpha * (xtil_j - sg(xtil_j))
-    xhat_clean = xtil_j - s_j * velocity_fn(params, u, sigma_j)
+    xhat_clean = (xtil_j - flow.per_sample(sigma_j, x_j) * velocity_fn(params, u, sigma_j)
+                  ).astype(x_j.dtype)
     xtil_clean = _connect(x_clean, xhat_clean)
 
     # Trajectory similarity: leaps that agree with the long trajectory weigh more.
@@ -147,15 +140,13 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
 
     rewards = pipe.reward(frozen, pipe.decode(frozen, out.x_clean), batch)
     weight = out.weight if cfg.use_weight else jnp.ones_like(out.weight)
-    value = jnp.mean(sg(weight) * jax.nn.relu(cfg.hinge_lambda - rewards))
-    metrics = {
-        "loss": value,
-        "reward_mean": jnp.mean(rewards),
-        "reward_std": jnp.std(rewards),
+    value = jnp.mean(sg(weight) * hinge(rewards, cfg.hinge_lambda))
+    metrics = reward_metrics(value, rewards)
+    metrics.update({
         "weight_mean": jnp.mean(weight),
         "d_j": jnp.mean(out.d_j),
         "d_clean": jnp.mean(out.d_clean),
         "k_mean": jnp.mean(k.astype(jnp.float32)),
         "j_mean": jnp.mean(j.astype(jnp.float32)),
-    }
+    })
     return value, metrics

@@ -3,9 +3,6 @@
 Roll the ODE out without gradient to a random step `k` among the last M, predict the
 clean latent in one step, `xhat = x_k - sigma_k v_theta(x_k)`, and score it. The gradient
 is the single-step term `-sigma_k dv_theta(x_k)/dtheta` alone.
-
-The module also holds what every baseline shares with it: the noise draw, the
-conditioned velocity, the ReFL-style hinge objective and the reward metrics.
 """
 
 from __future__ import annotations
@@ -17,41 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
+from leapalign_jax.methods.objectives import objective, reward_metrics
 from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
-
-sg = jax.lax.stop_gradient
-
-OBJECTIVES = ("hinge", "neg_reward")
-
-
-# --------------------------------------------------------------------------- shared
-
-
-def objective(rewards: jax.Array, cfg: Any) -> jax.Array:
-    """Per-sample loss to minimise, (B,): `relu(hinge_lambda - r)` or `-r`.
-
-    The hinge (ReFL's, also LeapAlign's) stops pushing a sample once its reward passes
-    `hinge_lambda`, so every baseline is comparable with LeapAlign by default.
-    """
-    if cfg.objective == "hinge":
-        return jax.nn.relu(cfg.hinge_lambda - rewards)
-    if cfg.objective == "neg_reward":
-        return -rewards
-    raise ValueError(f"objective={cfg.objective!r} is unknown; use one of {OBJECTIVES}")
-
-
-def reward_metrics(value: jax.Array, rewards: jax.Array) -> dict[str, jax.Array]:
-    """The metrics every method reports: loss, reward mean and spread over the batch."""
-    return {"loss": value, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}
-
-
-def clean_estimate(velocity_fn: flow.StepVelocityFn, params: Params, x: jax.Array,
-                   sigma: jax.Array) -> jax.Array:
-    """One leap to the clean latent, `x - sigma v_theta(x, sigma)` (sigma scalar or (B,))."""
-    return flow.euler_step(velocity_fn, params, x, sigma, 0.0)
-
-
-# --------------------------------------------------------------------------- ReFL
 
 
 def sample_steps(rng: jax.Array, batch_size: int, num_steps: int, last_m: int) -> jax.Array:
@@ -91,7 +55,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     # k < T, so the rollout can stop at x_{T-1}: one velocity call fewer.
     _, kept = flow.euler_rollout(velocity, params, x0, pipe.sigmas[:-1], keep=k[:, None])
     sigmas = jnp.asarray(pipe.sigmas, jnp.float32)
-    x_hat = clean_estimate(velocity, params, kept[:, 0], sigmas[k])
+    x_hat = flow.clean_estimate(velocity, params, kept[:, 0], sigmas[k])
 
     rewards = pipe.reward(frozen, pipe.decode(frozen, x_hat), batch)
     value = jnp.mean(objective(rewards, cfg))
