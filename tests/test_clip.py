@@ -204,13 +204,14 @@ def _pixels(seed, config):
 def _vision_run(config):
     """One jitted (params, pixels, w) -> (last_hidden_state, pooled, image_embeds,
     d sum(image_embeds * w) / d pixels), so each config compiles once."""
-    model = CLIPVisionModel(config)
+    def outputs(module, pixels):
+        last, pooled = module(pixels)
+        return last, pooled, module.visual_projection(pooled).astype(jnp.float32)
 
     def run(params, pixels, w):
-        last, pooled = model.apply({"params": params}, pixels)
-        embeds, vjp = jax.vjp(lambda x: model.apply(
-            {"params": params}, x, method=CLIPVisionModel.get_image_features), pixels)
-        return last, pooled, embeds, vjp(w)[0]
+        (last, pooled, embeds), vjp = jax.vjp(lambda x: CLIPVisionModel(config).apply(
+            {"params": params}, x, method=outputs), pixels)
+        return last, pooled, embeds, vjp((jnp.zeros_like(last), jnp.zeros_like(pooled), w))[0]
 
     return jax.jit(run)
 
