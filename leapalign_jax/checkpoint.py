@@ -1,7 +1,9 @@
 """Checkpoints: the orbax manager, saving, restoring for training and for inference.
 
 A checkpoint holds the whole `TrainState` (as a pytree) and a JSON `meta` with the run's
-fingerprint. Training restores everything and refuses a checkpoint of another run;
+fingerprint. Folders are `paths` (local or gs://); on a pod every process takes part in
+saving and restoring (orbax writes each process's shards), and moving folders aside is
+done by process 0 after all processes agreed on it. Training restores everything and refuses a checkpoint of another run;
 inference restores only the EMA params and never moves or deletes anything, so
 `task=evaluate` or `task=sample` can run beside (or after) training without touching it.
 """
@@ -11,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from leapalign_jax import paths
 
 CHECKPOINTS = "checkpoints"
 
@@ -28,7 +31,7 @@ class CheckpointError(RuntimeError):
 def manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     """The async orbax manager of `workdir/checkpoints`, keeping the newest `keep`."""
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+        paths.join(workdir, CHECKPOINTS),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                              enable_async_checkpointing=True))
 
@@ -57,24 +60,35 @@ def restore(mngr: ocp.CheckpointManager, like: Any, shardings: Any,
     expected = json.loads(json.dumps(fingerprint))
     abstract = _abstract(like, shardings)
     for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
-            _set_aside_unreadable(mngr, step, e)
+        meta, error = _agreed_try(lambda: mngr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+        if error is not None:
+            _set_aside_unreadable(mngr, step, error)
             continue
         if meta.get("fingerprint") != expected:
             raise CheckpointError(
-                f"{os.path.dirname(os.fspath(mngr.directory))} holds a checkpoint of a "
+                f"{paths.path(mngr.directory).parent} holds a checkpoint of a "
                 f"different run (differs in {_differences(meta.get('fingerprint'), expected)});"
                 " use another --workdir or pass --config.train.start_fresh=True")
-        try:
-            state = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract))).state
-        except Exception as e:  # noqa: BLE001
-            _set_aside_unreadable(mngr, step, e)
+        state, error = _agreed_try(lambda: mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))).state)
+        if error is not None:
+            _set_aside_unreadable(mngr, step, error)
             continue
         return state, meta
     return None
+
+
+def _agreed_try(read) -> tuple[Any, Exception | None]:
+    """`(read(), None)`, or `(None, error)` on every process when it failed on any one:
+    a checkpoint with one damaged shard is unreadable for the whole job."""
+    try:
+        value, error = read(), None
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+        value, error = None, e
+    if paths.any_process(error is not None):
+        return None, error or RuntimeError("unreadable on another process")
+    return value, None
 
 
 def _differences(found: Any, expected: dict) -> str:
@@ -100,8 +114,8 @@ def restore_params(workdir: str, like: Any, shardings: Any, field: str = "ema_pa
     optimizer moments, and moves nothing (an unreadable checkpoint is skipped with a
     warning). `like`/`shardings` describe the params tree.
     """
-    path = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    if not os.path.isdir(path):
+    path = paths.join(workdir, CHECKPOINTS)
+    if not paths.isdir(path):
         return None
     mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         create=False, read_only=True))
@@ -126,38 +140,48 @@ def restore_params(workdir: str, like: Any, shardings: Any, field: str = "ema_pa
 
 
 def _set_aside_unreadable(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
-    directory = os.fspath(mngr.directory)
-    aside = os.path.join(os.path.dirname(directory), "checkpoints-unreadable",
-                         f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    os.rename(os.path.join(directory, str(step)), aside)
+    """Moves checkpoint `step` to `checkpoints-unreadable/` (process 0; all wait), kept for
+    inspection. On gs:// the move is a copy and delete (see `paths.move`)."""
+    directory = paths.path(mngr.directory)
+    aside = paths.join(directory.parent, "checkpoints-unreadable",
+                       f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if paths.is_writer():
+        paths.move(directory / str(step), aside)
+    paths.barrier(f"unreadable:{step}")
     mngr.reload()
     logging.warning("checkpoint %d is unreadable (%s); moved it to %s and trying an older "
                     "one", step, str(error).splitlines()[0][:200], aside)
 
 
 def set_aside(workdir: str) -> None:
-    """Moves an existing checkpoint folder out of the way (start_fresh); nothing is deleted."""
-    path = os.path.join(workdir, CHECKPOINTS)
-    if os.path.isdir(path) and os.listdir(path):
-        aside = f"{path}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(path, aside)
+    """Moves an existing checkpoint folder out of the way (start_fresh); nothing is deleted.
+
+    A local folder is renamed; a gs:// folder is copied and deleted (`paths.move`), so a
+    move cut short leaves both, never neither.
+    """
+    path = paths.join(workdir, CHECKPOINTS)
+    aside = paths.agree(bool(paths.listdir(path))) and \
+        f"{path}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if aside and paths.is_writer():
+        paths.move(path, aside)
         logging.warning("start_fresh: moved the previous checkpoints to %s", aside)
+    paths.barrier("set_aside")
 
 
 def file_identity(path: str) -> dict[str, Any]:
     """A cheap identity of a weights file or folder for run fingerprints: the byte size
     and a sha256 of the first and last MiB of every file (the safetensors header and the
     tail of the data), so a different checkpoint at the same path is noticed."""
-    files = ([path] if os.path.isfile(path) else
-             sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs))
+    root = paths.path(path)
+    files = [root] if not root.is_dir() else sorted(
+        (p for p in root.rglob("*") if not p.is_dir()), key=str)
     digest, size = hashlib.sha256(), 0
     for file in files:
-        n = os.path.getsize(file)
+        n = file.stat().length
         size += n
-        with open(file, "rb") as f:
+        with file.open("rb") as f:
             digest.update(f.read(1 << 20))
             if n > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
+                f.seek(n - (1 << 20))
                 digest.update(f.read())
     return {"bytes": size, "sha256_ends": digest.hexdigest()[:16]}

@@ -48,6 +48,9 @@ def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # newest N checkpoints are kept
     c.train.max_nonfinite_steps = 10  # stop after this many consecutive skipped steps
     c.train.start_fresh = False  # True: set aside an incompatible checkpoint dir and restart
+    # Steps to trace with the JAX profiler (clu periodic_actions.Profile, process 0), starting
+    # 5 steps after the run (re)starts, into DIR/plugins/profile for TensorBoard (0: off).
+    c.train.profile_steps = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = [-1, 1, 1]  # (data, fsdp, tensor); one -1 takes the remaining devices
@@ -102,8 +105,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, num_steps: i
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                 "max_nonfinite_steps"):
         _check(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1")
-    _check(t.eval_every >= 0 and t.image_every >= 0,
-           "config.train.eval_every and image_every must be >= 0 (0: off)")
+    _check(t.eval_every >= 0 and t.image_every >= 0 and t.get("profile_steps", 0) >= 0,
+           "config.train.eval_every, image_every and profile_steps must be >= 0 (0: off)")
     _check(t.batch_size % data_parallel == 0,
            f"config.train.batch_size={t.batch_size} is not divisible by the {data_parallel} "
            "data-parallel devices of config.mesh.shape; change one of them")

@@ -9,13 +9,12 @@ same images.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
 import scipy.linalg
 
-from leapalign_jax import sampling
+from leapalign_jax import paths, sampling
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -31,15 +30,36 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def write_eval(out_dir: str, images: np.ndarray, records: Sequence[dict[str, Any]],
                results: dict[str, Any]) -> None:
-    """Writes images/<index>.png, prompts.jsonl and results.json under `out_dir`."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    with open(os.path.join(out_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+    """Writes images/<index>.png, prompts.jsonl and results.json under `out_dir` (local or
+    gs://). Every process calls it with the gathered images; process 0 writes, and
+    results.json comes last, so its presence marks a complete folder."""
+    if paths.is_writer():
+        lines = []
         for index, (image, record) in enumerate(zip(images, records)):
-            file = os.path.join("images", f"{index:05d}.png")
-            sampling.save_image(image, os.path.join(out_dir, file))
-            f.write(json.dumps({"file": file, **record}) + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+            file = f"images/{index:05d}.png"
+            sampling.save_image(image, paths.join(out_dir, file))
+            lines.append(json.dumps({"file": file, **record}) + "\n")
+        paths.write_text(paths.join(out_dir, "prompts.jsonl"), "".join(lines))
+        paths.write_text(paths.join(out_dir, "results.json"),
+                         json.dumps(results, indent=2, sort_keys=True))
+    paths.barrier(f"eval:{out_dir}")
+
+
+def read_results(out_dir: str) -> dict[str, Any] | None:
+    """The results.json of a finished evaluation folder, or None (decided by process 0 and
+    agreed by all, so every process takes the same branch)."""
+    done = paths.join(out_dir, "results.json")
+    if not paths.agree(paths.exists(done)):
+        return None
+    return json.loads(paths.read_text(done)) if paths.is_writer() else {}
+
+
+def summary(name: str, results: dict[str, Any], keys: Sequence[str] = (
+        "reward", "acc_overall", "fd")) -> str:
+    """One console line for an evaluation: its name and its headline numbers."""
+    shown = [k for k in keys if k in results] or sorted(
+        k for k, v in results.items() if isinstance(v, float))[:4]
+    return f"eval {name}: " + ", ".join(f"{k} {results[k]:.4f}" for k in shown)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

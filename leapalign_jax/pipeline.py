@@ -82,6 +82,8 @@ class World:
         checked against checkpoints on resume.
       evaluate: `(params, out_dir) -> results` writing images, prompts.jsonl and
         results.json under out_dir (worlds with a judge), or None.
+      eval_prompts: the prompt text of each row of `eval_batch` (captions of the image
+        grids), or None.
     """
 
     pipe: Pipeline
@@ -92,3 +94,4 @@ class World:
     eval_batch: Batch
     fingerprint: dict
     evaluate: Callable[[Params, str], dict] | None = None
+    eval_prompts: list[str] | None = None

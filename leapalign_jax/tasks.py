@@ -3,19 +3,19 @@
 Each task builds the world, then calls the trainer, the sampler or the world's evaluator.
 Inference tasks read only the EMA params of the newest checkpoint (`checkpoint.
 restore_params`), never the optimizer state, and never move or change a checkpoint.
+Every process of a pod runs the same task; process 0 writes the shared files and the
+console lines (one per evaluation, then the table).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from leapalign_jax import checkpoint, evaluate, sampling, train
+from leapalign_jax import checkpoint, evaluate, paths, sampling, train
 from leapalign_jax.pipeline import Params, World
 from leapalign_jax.world import build_world
 
@@ -34,6 +34,18 @@ def latest_params(config: ml_collections.ConfigDict, workdir: str, world: World,
     return restored
 
 
+def evaluate_once(world: World, params: Params, workdir: str, name: str) -> dict[str, Any]:
+    """`world.evaluate` into DIR/eval/<name>/, or its results.json when that folder is
+    complete already (a resumed run); one console line either way."""
+    out_dir = paths.join(workdir, "eval", name)
+    results = evaluate.read_results(out_dir)
+    if results is None:
+        results = world.evaluate(params, out_dir)
+        logging.info("evaluation %s: %s", name, results)
+    train.console(evaluate.summary(name, results) + f" ({out_dir})")
+    return results
+
+
 def train_and_report(config: ml_collections.ConfigDict, workdir: str,
                      hooks: tuple[train.Hook, ...] = ()) -> dict[str, dict]:
     """Trains, then (for worlds with an evaluator) writes and prints a before/after table
@@ -41,24 +53,18 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str,
     world = build_world(config)
     rows: dict[str, dict] = {}
     if world.evaluate is not None:
-        base_dir = os.path.join(workdir, "eval", "base")
-        done = os.path.join(base_dir, "results.json")
-        if os.path.exists(done):
-            with open(done, encoding="utf-8") as f:
-                rows["base"] = json.load(f)
-        else:
-            rows["base"] = world.evaluate(world.params, base_dir)
+        rows["base"] = evaluate_once(world, world.params, workdir, "base")
     if world.evaluate is not None and config.train.eval_every:
         hooks = (*hooks, train.Hook(_evaluation_hook(world, workdir), config.train.eval_every))
     state = train.train_and_evaluate(config, workdir, world, hooks)
     if world.evaluate is not None:
         step = int(jax.device_get(state.step))
-        rows[f"{config.method.name} (step {step})"] = world.evaluate(
-            state.ema_params, os.path.join(workdir, "eval", f"step_{step:06d}"))
-        table = evaluate.format_table(rows)
-        with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-            f.write(table + "\n")
-        print(table)
+        rows[f"{config.method.name} (step {step})"] = evaluate_once(
+            world, state.ema_params, workdir, f"step_{step:06d}")
+        if paths.is_writer():
+            table = evaluate.format_table(rows)
+            paths.write_text(paths.join(workdir, "results.md"), table + "\n")
+            print(table)
     return rows
 
 
@@ -67,9 +73,7 @@ def _evaluation_hook(world: World, workdir: str):
 
     def hook(step: int, state: train.TrainState, metrics: dict) -> dict[str, float]:
         del metrics
-        results = world.evaluate(state.ema_params,
-                                 os.path.join(workdir, "eval", f"step_{step:06d}"))
-        logging.info("evaluation at step %d: %s", step, results)
+        results = evaluate_once(world, state.ema_params, workdir, f"step_{step:06d}")
         return {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
 
     return hook
@@ -79,12 +83,15 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Samples the world's evaluation prompts with the latest EMA params; returns the PNG."""
     world = build_world(config)
     params, step = latest_params(config, workdir, world)
-    images = sampling.make_sample_fn(world.pipe)(params, world.frozen, world.eval_batch,
-                                                 jax.random.key(config.seed))
-    path = os.path.join(workdir, "samples", f"{step:06d}.png")
-    sampling.save_grid(images, path)
-    logging.info("wrote %s", path)
-    print(path)
+    mesh, _ = train.mesh_and_rules(config)
+    images = sampling.on_mesh(sampling.make_sample_fn(world.pipe), mesh, params, world.frozen,
+                              world.eval_batch, jax.random.key(config.seed))
+    path = paths.join(workdir, "samples", f"{step:06d}.png")
+    if paths.is_writer():
+        sampling.save_grid(images, path, captions=world.eval_prompts)
+        logging.info("wrote %s", path)
+        print(path)
+    paths.barrier("sample")
     return path
 
 
@@ -96,9 +103,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                          "--config.task=sample for image grids")
     params, step = latest_params(config, workdir, world)
     name = config.get("eval_name") or f"step_{step:06d}"
-    results = world.evaluate(params, os.path.join(workdir, "eval", name))
+    results = world.evaluate(params, paths.join(workdir, "eval", name))
     logging.info("evaluation %s: %s", name, results)
-    print(evaluate.format_table({name: results}))
+    if paths.is_writer():
+        print(evaluate.format_table({name: results}))
     return results
 
 

@@ -4,14 +4,22 @@ The trainer never knows which method runs: it calls `methods.get_loss(name)` wit
 world's pipeline. Everything inside `train_step` is pure; the loop owns I/O (metrics,
 image grids, checkpoints, SIGTERM) and calls `Hook`s, so callers can evaluate mid-run
 without wrapping the loop.
+
+Multi-host: every process runs this loop. Each reads only its rows of the step's global
+batch (`data.process_rows` of the batch sharding) and `data.global_batch` assembles the
+global arrays. A SIGTERM reaches one host at a time, so the stop flag is agreed every step
+(`paths.any_process`): all hosts save the same step and exit together. Process 0 writes
+TensorBoard, image grids and the progress bar; clu's `ReportProgress` (steps/s, ETA) and
+an optional `Profile` run there too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -20,16 +28,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from flax import struct
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from leapalign_jax import checkpoint, methods, parallel, sampling
+from leapalign_jax import checkpoint, data, methods, parallel, paths, sampling
 from leapalign_jax.pipeline import Batch, Params, World
 
 # Exit status of a run stopped by SIGTERM after writing its checkpoint (preemption).
 PREEMPTED_EXIT_CODE = 42
+
+
+def console(message: str) -> None:
+    """One line for the person at the console (stderr, process 0), kept clear of the
+    progress bar; the log file gets it too."""
+    logging.info(message)
+    if paths.is_writer():
+        tqdm.write(message, file=sys.stderr)
 
 
 class TrainingError(RuntimeError):
@@ -159,6 +174,35 @@ class _StopFlag:
         self.requested = True
 
 
+def process_batch(world: World, step: int, rows: np.ndarray) -> Batch:
+    """This process's rows of step `step`'s global batch (numpy).
+
+    A world's `train_batch(step, rows=...)` reads only those prompts; a `train_batch(step)`
+    without `rows` (a wrapped or test world) is sliced after the fact.
+    """
+    if "rows" in inspect.signature(world.train_batch).parameters:
+        return world.train_batch(step, rows=rows)
+    return jax.tree.map(lambda x: np.asarray(x)[rows] if np.ndim(x) else x,
+                        world.train_batch(step))
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat `a.b.c -> scalar` hyperparameters (lists become strings)."""
+    out = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix] = value
+        elif value is not None:
+            out[prefix] = str(value)
+
+    walk("", config.to_dict())
+    return out
+
+
 def _frozen_with_reference(config, world: World, mesh, shardings: Any) -> tuple[Any, Any]:
     """The frozen tree (replicated) plus, when the method asks for it, the initial params
     as `frozen["reference"]`, sharded like the params."""
@@ -179,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
     its hooks, so a resumed run never repeats a hook's step.
     """
     tc = config.train
-    process0 = jax.process_index() == 0
+    process0 = paths.is_writer()
     mesh, rules = mesh_and_rules(config)
     optimizer = make_optimizer(config.optim)
     shardings = state_shardings(world, optimizer, mesh, rules)
@@ -192,35 +236,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
     restored = checkpoint.restore(manager, state, shardings, fingerprint)
     if restored is not None:
         state = restored[0]
-        logging.info("restored step %d from %s", int(state.step), workdir)
+        console(f"restored step {int(state.step)} from {workdir}")
     frozen, frozen_sh = _frozen_with_reference(config, world, mesh, shardings)
 
+    rows = data.process_rows(tc.batch_size, parallel.batch_sharding(mesh))
     batch_sh = jax.tree.map(
         lambda x: parallel.batch_sharding(mesh) if np.ndim(x) else parallel.replicated(mesh),
-        world.train_batch(0))
+        process_batch(world, 0, rows))
     step_fn = jax.jit(
         make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay),
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     sample_fn = sampling.make_sample_fn(world.pipe)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=not process0)
+    writer = metric_writers.create_default_writer(paths.join(workdir),
+                                                  just_logging=not process0)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     start, total = int(jax.device_get(state.step)), tc.steps
     meta = lambda s: {"fingerprint": fingerprint, "data_position": s}  # noqa: E731
+    if start == 0:
+        writer.write_hparams(flat_hparams(config))
+    actions = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                               every_steps=tc.log_every, every_secs=None)]
+    if tc.get("profile_steps") and process0:
+        actions.append(periodic_actions.Profile(
+            logdir=paths.join(workdir), num_profile_steps=tc.profile_steps,
+            profile_duration_ms=0, first_profile=start + 5, every_secs=None))
     try:
         bar = tqdm(range(start, total), initial=start, total=total, disable=not process0,
                    desc="align", dynamic_ncols=True)
         for step in bar:
             t0 = time.perf_counter()
-            batch = parallel.shard_batch(world.train_batch(step), mesh)
+            batch = data.global_batch(process_batch(world, step, rows), mesh)
             state, metrics = step_fn(state, frozen, batch)
             metrics, run = jax.device_get((metrics, state.nonfinite_run))  # waits for the step
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics["step_time_s"] = time.perf_counter() - t0
             done = step + 1
             last = done == total
+            for action in actions:
+                action(done)
+            # One host got SIGTERM: all of them save this step and stop together.
+            stopping = paths.any_process(stop.requested)
             if int(run) >= tc.max_nonfinite_steps:
                 raise TrainingError(
                     f"{int(run)} consecutive steps had a non-finite loss or gradient; "
@@ -237,22 +295,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
                         writer.write_scalars(done, extra)
             if tc.image_every and (done % tc.image_every == 0 or last):
                 # Every process joins the sharded sampling; process 0 writes the grid.
-                images = sample_fn(state.ema_params, frozen,
-                                   parallel.shard_batch(world.eval_batch, mesh),
-                                   jax.random.key(config.seed))
-                images = multihost_utils.process_allgather(images, tiled=True)
+                images = sampling.on_mesh(sample_fn, mesh, state.ema_params, frozen,
+                                          world.eval_batch, jax.random.key(config.seed))
                 if process0:
-                    sampling.save_grid(images,
-                                       os.path.join(workdir, "images", f"{done:06d}.png"))
-            if done % tc.checkpoint_every == 0 or last or stop.requested:
+                    grid = sampling.save_grid(
+                        images, paths.join(workdir, "images", f"{done:06d}.png"),
+                        captions=world.eval_prompts)
+                    writer.write_images(done, {"samples": grid[None]})
+            if done % tc.checkpoint_every == 0 or last or stopping:
                 checkpoint.save(manager, state, meta(done))
-            if stop.requested:
+            if stopping:
                 manager.wait_until_finished()
+                writer.flush()
                 logging.warning("SIGTERM: checkpoint written at step %d; exiting", done)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
         writer.flush()
     finally:
         manager.wait_until_finished()
         manager.close()
+        writer.close()
         signal.signal(signal.SIGTERM, previous_handler)
     return state

@@ -5,7 +5,8 @@ parameters with their logical sharding axes, the frozen parameters, and a determ
 prompt stream. `config.world.name` picks one:
 
 - "random_flux": a tiny randomly initialised Flux with random text embeddings and a
-  "redness" reward. Needs nothing on disk; used by tests and for smoke runs.
+  "redness" reward. Needs nothing on disk; used by tests and for smoke runs. Its
+  evaluation is the mean redness of the evaluation prompts' samples.
 - "shapes": the offline shapes world (leapalign_jax.toy), the default experiment.
 """
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from leapalign_jax import checkpoint, flow
+from leapalign_jax import checkpoint, evaluate, flow, parallel, sampling
 from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import world as shapes_world
@@ -102,9 +103,15 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
         return {"cond": {"txt": txt_table[ids], "y": y_table[ids]},
                 "prompt_id": ids.astype(np.int32)}
 
-    def train_batch(step: int) -> Batch:
-        rng = np.random.default_rng([config.seed, step])
-        return batch_of(rng.integers(0, wc.num_prompts, config.train.batch_size))
+    def train_batch(step: int, rows: np.ndarray | None = None) -> Batch:
+        """Step `step`'s batch, or only its rows `rows` (this process's share on a pod).
+
+        The global prompt ids are a function of (seed, step) alone, so every topology sees
+        the same global batches; a process looks up the prompts of its rows only.
+        """
+        ids = np.random.default_rng([config.seed, step]).integers(
+            0, wc.num_prompts, config.train.batch_size)
+        return batch_of(ids if rows is None else ids[np.asarray(rows)])
 
     param_axes = abstract_params(mc)
     params = loaded if loaded is not None else init_params(mc, jax.random.key(config.seed))
@@ -112,9 +119,32 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
         velocity=flux_velocity(model, img_ids, txt_ids, guidance),
         decode=_redness_decode, reward=_redness_reward,
         sigmas=flow.flux_sigmas(wc.num_steps, seq), latent_shape=(seq, mc.in_channels))
+    eval_ids = np.arange(wc.num_eval_prompts) % wc.num_prompts
+    eval_prompts = [f"random prompt {i}" for i in eval_ids]
+    mesh = parallel.make_mesh(config.mesh.shape)
+
+    def evaluate_redness(params: Params, out_dir: str) -> dict[str, Any]:
+        """Samples the evaluation prompts on the mesh; writes them and their rewards."""
+        sample = sampling.make_sample_fn(pipe)
+        score = jax.jit(pipe.reward)
+
+        def sample_and_score(params, frozen, batch, rng):
+            images = sample(params, frozen, batch, rng)
+            return images, score(frozen, images, batch)
+
+        images, rewards = sampling.on_mesh(sample_and_score, mesh, params, {},
+                                           batch_of(eval_ids), jax.random.key(config.seed + 1000))
+        rewards = np.asarray(rewards, np.float64)
+        results = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                   "num_images": len(eval_ids)}
+        records = [{"prompt": text, "prompt_id": int(i), "reward": float(r)}
+                   for text, i, r in zip(eval_prompts, eval_ids, rewards)]
+        evaluate.write_eval(out_dir, np.asarray(images), records, results)
+        return results
+
     return World(pipe=pipe, params=params, param_axes=param_axes, frozen={},
-                 train_batch=train_batch,
-                 eval_batch=batch_of(np.arange(wc.num_eval_prompts) % wc.num_prompts),
+                 train_batch=train_batch, evaluate=evaluate_redness,
+                 eval_prompts=eval_prompts, eval_batch=batch_of(eval_ids),
                  fingerprint={"world": "random_flux",
                               "model": json.loads(json.dumps(dataclasses.asdict(mc))),
                               "latent_shape": [seq, mc.in_channels],

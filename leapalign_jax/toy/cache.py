@@ -1,22 +1,22 @@
-"""Saving and loading the shapes world's parameter trees (flax msgpack), in one place."""
+"""Saving and loading the shapes world's parameter trees (flax msgpack), in one place.
+
+Paths go through `leapalign_jax.paths`, so a cache folder may be local or gs://.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from flax import serialization
 
+from leapalign_jax import paths
+
 
 def save_params(path: str, tree: Any) -> None:
     """Writes `tree` atomically: a crash mid-write never leaves a half file at `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(tree)))
-    os.replace(tmp, path)
+    paths.write_bytes(path, serialization.to_bytes(jax.device_get(tree)))
 
 
 def load_params(path: str, like: Any) -> Any:
@@ -25,11 +25,10 @@ def load_params(path: str, like: Any) -> Any:
     Raises FileNotFoundError for a missing file and ValueError for a corrupt one or one
     whose structure or shapes differ from `like` (e.g. written with other model knobs).
     """
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"no saved params at {path}; check the path, or build and "
                                 "save them first with save_params")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
     try:
         tree = serialization.from_bytes(like, data)
     except Exception as e:  # noqa: BLE001 - msgpack raises many kinds on corrupt input

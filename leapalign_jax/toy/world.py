@@ -6,6 +6,10 @@ Build order (each step cached under `cache_dir/<hash of its knobs>/`): the autoe
 the Flux only; the text encoder is frozen and every prompt's features are precomputed.
 Evaluation samples held-out prompts and scores them with the exact checker, the reward
 model and a Fréchet distance in the reward model's image features against renders.
+
+Files (cache, prompt file, evaluation folders) go through `leapalign_jax.paths`, so they
+may be local or gs://. On a pod, process 0 builds and writes each cached model while the
+others wait, then read it; training rows and evaluation are split over the mesh.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Callable
 
 import jax
@@ -23,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import evaluate as evaluate_lib
-from leapalign_jax import flow, sampling
+from leapalign_jax import flow, parallel, paths, sampling
 from leapalign_jax.models.flux import Flux, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import autoencoder, cache, checker, pretrain, prompts, reward, scenes
@@ -64,31 +67,41 @@ def _knob_hash(**knobs: Any) -> str:
 
 
 def _cached(path: str, build: Callable[[], Params], like: Callable[[], Params]) -> Params:
-    """Loads `path` when it exists (and matches `like`), else builds and saves it."""
-    if os.path.exists(path):
-        try:
-            return cache.load_params(path, like())
-        except ValueError as e:
-            logging.warning("rebuilding %s: %s", path, e)
-    params = build()
-    cache.save_params(path, params)
+    """Loads `path` when it exists (and matches `like`), else builds and saves it.
+
+    Built once per job: process 0 loads or builds and saves; the others wait at a barrier
+    and then read what it wrote.
+    """
+    if paths.is_writer():
+        params = None
+        if paths.exists(path):
+            try:
+                params = cache.load_params(path, like())
+            except ValueError as e:
+                logging.warning("rebuilding %s: %s", path, e)
+        if params is None:
+            params = build()
+            cache.save_params(path, params)
+    paths.barrier(f"cache:{path}")
+    if not paths.is_writer():
+        params = cache.load_params(path, like())
     return params
 
 
 def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
     """The world's frozen VAE and reward and its pretrained generator, cached."""
     seed = jax.random.split(jax.random.key(wc.seed), 3)
-    root = os.path.abspath(wc.cache_dir)
+    root = wc.cache_dir
     ae_key = _knob_hash(steps=wc.ae_steps, batch=wc.ae_batch, seed=wc.seed)
-    vae = _cached(os.path.join(root, f"autoencoder-{ae_key}.msgpack"),
+    vae = _cached(paths.join(root, f"autoencoder-{ae_key}.msgpack"),
                   lambda: autoencoder.train_autoencoder(seed[0], wc.ae_steps, wc.ae_batch),
                   lambda: autoencoder.init_autoencoder(seed[0]))
-    rw = _cached(os.path.join(root, "reward-" + _knob_hash(
+    rw = _cached(paths.join(root, "reward-" + _knob_hash(
                      steps=wc.reward_steps, batch=wc.reward_batch, seed=wc.seed) + ".msgpack"),
                  lambda: reward.train_reward(seed[1], wc.reward_steps, wc.reward_batch),
                  lambda: reward.init_reward(seed[1]))
     gen_key = _knob_hash(ae=ae_key, model=wc.model.to_dict(), seed=wc.seed)
-    generator = _cached(os.path.join(root, f"generator-{gen_key}.msgpack"),
+    generator = _cached(paths.join(root, f"generator-{gen_key}.msgpack"),
                         lambda: pretrain.pretrain(seed[2], vae, wc.model)[0],
                         lambda: _init_generator(seed[2], wc.model))
     return {"vae": vae, "reward": rw, "generator": generator}
@@ -125,11 +138,10 @@ def guided_velocity(flux: Flux, scale: float, uncond: dict[str, np.ndarray]
 
 def read_prompt_file(path: str) -> list[prompts.Prompt]:
     """The prompts listed in `path`; ValueError / FileNotFoundError name the fix."""
-    if not os.path.isfile(path):
+    if not paths.exists(path) or paths.isdir(path):
         raise FileNotFoundError(f"prompt file {path} not found; fix config.world.prompt_file")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = paths.read_text(path).splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}); "
                          "save it as UTF-8") from None
@@ -170,9 +182,12 @@ def build(config: ml_collections.ConfigDict) -> World:
         return {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
                 "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
 
-    def train_batch(step: int) -> Batch:
+    def train_batch(step: int, rows: np.ndarray | None = None) -> Batch:
+        """Step `step`'s batch, or only its rows `rows` (this process's share on a pod):
+        the global draw is the same, so every topology sees the same global batches."""
         rng = np.random.default_rng([config.seed, step])
-        return batch_of(prompts.sample_prompts(rng, config.train.batch_size, pool))
+        chosen = prompts.sample_prompts(rng, config.train.batch_size, pool)
+        return batch_of(chosen if rows is None else [chosen[int(i)] for i in rows])
 
     def decode(frozen: Params, x: jax.Array) -> jax.Array:
         z = flow.unpack_latents(x, autoencoder.LATENT_HW, autoencoder.LATENT_HW,
@@ -191,12 +206,14 @@ def build(config: ml_collections.ConfigDict) -> World:
     grid = [heldout[i] for i in np.linspace(0, len(heldout) - 1, wc.num_grid_prompts,
                                             dtype=int)]
     param_axes = abstract_params(flux.config)
+    mesh = parallel.make_mesh(config.mesh.shape)
 
     def evaluate(params: Params, out_dir: str) -> dict[str, Any]:
-        return evaluate_heldout(pipe, params, frozen, batch_of, wc, out_dir)
+        return evaluate_heldout(pipe, params, frozen, batch_of, wc, out_dir, mesh=mesh)
 
     return World(pipe=pipe, params=models["generator"]["flux"], param_axes=param_axes,
                  frozen=frozen, train_batch=train_batch, eval_batch=batch_of(grid),
+                 eval_prompts=[p.text for p in grid],
                  fingerprint={"world": "shapes", "model": wc.model.to_dict(),
                               "prompt_file": wc.prompt_file,
                               "num_steps": wc.num_steps, "seed": wc.seed,
@@ -225,20 +242,32 @@ def heldout_specs(per_category: int) -> list[prompts.Prompt]:
 
 def evaluate_heldout(pipe: Pipeline, params: Params, frozen: Params,
                      batch_of: Callable[[list], Batch], wc: ml_collections.ConfigDict,
-                     out_dir: str, chunk: int = 256) -> dict[str, Any]:
+                     out_dir: str, chunk: int = 256,
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """`images_per_category` held-out images per category: reward, checker accuracy, FD
-    against renders."""
+    against renders.
+
+    With a `mesh`, each chunk is split over its data axes and the images gathered to every
+    process (`sampling.on_mesh`); all processes compute the same results and process 0
+    writes the folder.
+    """
     specs = heldout_specs(wc.images_per_category)
     sample = sampling.make_sample_fn(pipe, flow.flux_sigmas(wc.eval_steps,
                                                             pipe.latent_shape[0]))
     score = jax.jit(pipe.reward)
+
+    def sample_and_score(params, frozen, batch, rng):
+        imgs = sample(params, frozen, batch, rng)
+        return imgs, score(frozen, imgs, batch)
+
     images, rewards = [], []
     base = jax.random.key(wc.seed + 1000)  # same noise for every model evaluated
     for start in range(0, len(specs), chunk):
         batch = batch_of(specs[start:start + chunk])
-        imgs = sample(params, frozen, batch, jax.random.fold_in(base, start))
+        imgs, scores = sampling.on_mesh(sample_and_score, mesh, params, frozen, batch,
+                                        jax.random.fold_in(base, start))
         images.append(np.asarray(imgs))
-        rewards.append(np.asarray(score(frozen, imgs, batch)))
+        rewards.append(np.asarray(scores))
     images, rewards = np.concatenate(images), np.concatenate(rewards)
     passed = [checker.check(image, p) for image, p in zip(images, specs)]
     accuracy = checker.summarize(passed, specs)
