@@ -14,6 +14,18 @@ import pytest
 
 from leapalign_jax import parallel
 
+
+def _run_on_8_devices(script):
+    """Runs `script` in a Python with 8 simulated CPU devices; returns its RESULT json."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
 SCRIPT = textwrap.dedent(r"""
     import json
     import jax, jax.numpy as jnp, numpy as np
@@ -78,14 +90,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_forward_rollout_and_step_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    result = json.loads(line[len("RESULT"):])
+    result = _run_on_8_devices(SCRIPT)
     for shape in ["(2, 2, 2)", "(1, 4, 2)", "(8, 1, 1)"]:
         r = result[shape]
         assert r["v_err"] < 1e-5, (shape, r)
@@ -98,6 +103,119 @@ def test_sharded_forward_rollout_and_step_match_one_device():
     step = result["train_step"]
     assert step["max_moved"] > 1e-6, step  # the step did update the params
     assert step["max_diff"] < 1e-5, step
+
+
+TENSOR_SCRIPT = textwrap.dedent(r"""
+    import json, re
+    import flax, flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from leapalign_jax import parallel
+    from leapalign_jax.models.flux import (DoubleStreamBlock, Flux, abstract_params, embed_nd,
+                                           init_params, tiny_config)
+
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_config(hidden_size=64, num_heads=4)  # 4 heads of 16
+    B, L, S = 8, 12, 5
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, dtype=np.float32),
+                          jax.device_get(init_params(config, jax.random.key(0))))
+    ids = np.zeros((B, L, 3), np.float32)
+    ids[..., 1], ids[..., 2] = np.arange(L)[None] // 4, np.arange(L)[None] % 4
+    x = (rng.standard_normal((B, L, config.in_channels), dtype=np.float32), ids,
+         rng.standard_normal((B, S, config.context_in_dim), dtype=np.float32),
+         np.zeros((B, S, 3), np.float32), np.linspace(0.1, 0.9, B).astype(np.float32),
+         rng.standard_normal((B, config.vec_in_dim), dtype=np.float32),
+         np.full((B,), 3.5, np.float32))
+    apply = Flux(config).apply
+    ref = np.asarray(jax.jit(apply)({"params": params}, *x))
+    out = {}
+
+    def placed(shape):
+        mesh = parallel.make_mesh(shape)
+        return mesh, jax.device_put(params, parallel.logical_shardings(
+            abstract_params(config), mesh))
+
+    # (a) The forward, activation constraints on, equals one device; (2, 2, 2) is the
+    # fsdp == tensor mesh of the XLA miscompile that the fsdp-major batch split avoids.
+    for shape in [(2, 1, 4), (1, 2, 4), (2, 2, 2)]:
+        mesh, p = placed(shape)
+        xs = [parallel.shard_batch(a, mesh) for a in x]
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+            v = jax.jit(apply)({"params": p}, *xs)
+        out[str(shape)] = dict(err=float(np.max(np.abs(np.asarray(v) - ref))),
+                               batch_split=not v.sharding.is_fully_replicated)
+
+    # (b) Every shard of every qkv kernel holds whole heads, with their q, k and v.
+    for shape in [(2, 1, 4), (1, 2, 4)]:
+        mesh, p = placed(shape)
+        full = flax.traverse_util.flatten_dict(params)
+        shards = []
+        for path, kernel in flax.traverse_util.flatten_dict(p).items():
+            if path[-2:] == ("qkv", "kernel"):
+                for s in kernel.addressable_shards:
+                    h = s.index[2]
+                    shards.append(dict(
+                        path="/".join(path), shape=list(s.data.shape),
+                        heads=[h.start or 0, config.num_heads if h.stop is None else h.stop],
+                        exact=bool(np.array_equal(np.asarray(s.data), full[path][s.index]))))
+        out["shards" + str(shape)] = shards
+
+    # (c) All-gathers in the compiled HLO of one DoubleStreamBlock, against kernel shapes.
+    def block_gathers(shape):
+        mesh = parallel.make_mesh(shape)
+        block = DoubleStreamBlock(config)
+        img, txt, vec = jnp.zeros((B, L, 64)), jnp.zeros((B, S, 64)), jnp.zeros((B, 64))
+        pe = embed_nd(jnp.zeros((B, L + S, 3)), config.axes_dim, config.theta)
+        abstract = jax.eval_shape(block.init, jax.random.key(0), img, txt, vec, pe)["params"]
+        plain = nn.meta.unbox(abstract)
+        kernels = {tuple(a.shape) for a in jax.tree.leaves(plain) if a.ndim >= 2}
+        bs, ps = parallel.batch_sharding(mesh), parallel.logical_shardings(abstract, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+            f = jax.jit(lambda p, i, t, v: block.apply({"params": p}, i, t, v, pe),
+                        in_shardings=(ps, bs, bs, bs))
+            hlo = f.lower(plain, img, txt, vec).compile().as_text()
+        gathers = []
+        for line in hlo.splitlines():
+            m = re.search(r"= (.+?) all-gather(?:-start)?\(", line)
+            if m:  # result shapes, e.g. "f32[64,3,4,16]{3,2,1,0}" or a tuple of them
+                gathers += [tuple(int(d) for d in dims.split(",") if d)
+                            for dims in re.findall(r"\w+\[([\d,]*)\]", m[1])]
+        return dict(gathers=[list(g) for g in gathers],
+                    kernel_gathers=[list(g) for g in gathers if g in kernels],
+                    all_reduces=len(re.findall(r" all-reduce(?:-start)?\(", hlo)))
+
+    out["hlo_tensor"] = block_gathers((2, 1, 4))
+    out["hlo_fsdp"] = block_gathers((2, 4, 1))  # control: FSDP does gather whole kernels
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_tensor_parallel_by_head():
+    """Heads split over "tensor": same forward, whole heads per shard, no kernel gathers."""
+    result = _run_on_8_devices(TENSOR_SCRIPT)
+    for shape in ["(2, 1, 4)", "(1, 2, 4)", "(2, 2, 2)"]:
+        assert result[shape]["err"] < 1e-5, (shape, result[shape])
+        assert result[shape]["batch_split"], (shape, result[shape])
+    for shape, fsdp in [("(2, 1, 4)", 1), ("(1, 2, 4)", 2)]:
+        shards = result["shards" + shape]
+        paths = {s["path"] for s in shards}
+        assert paths == {"double_blocks_0/img_attn/qkv/kernel",
+                         "double_blocks_0/txt_attn/qkv/kernel",
+                         "single_blocks_0/linear1/qkv/kernel"}, paths
+        for s in shards:
+            # (embed / fsdp, q|k|v, one whole head, the full head dim)
+            assert s["shape"] == [64 // fsdp, 3, 1, 16], s
+            assert s["heads"][1] - s["heads"][0] == 1 and s["exact"], s
+        for path in paths:
+            covered = {tuple(s["heads"]) for s in shards if s["path"] == path}
+            assert covered == {(h, h + 1) for h in range(4)}, (path, covered)
+    tensor = result["hlo_tensor"]
+    assert tensor["kernel_gathers"] == [], tensor
+    # Only the small (B / data, 6 * hidden) modulation vectors are gathered, never a token
+    # activation (a flat (embed, 3 * hidden) qkv kernel made XLA gather (B, L, 3 * hidden)).
+    assert all(g == [4, 6 * 64] for g in tensor["gathers"]), tensor
+    assert tensor["all_reduces"] > 0, tensor  # the row-parallel output projections
+    assert len(result["hlo_fsdp"]["kernel_gathers"]) >= 6, result["hlo_fsdp"]  # parser works
 
 
 def test_make_mesh_fills_and_rejects():

@@ -150,20 +150,56 @@ def _dense(features: int, axes: tuple[str | None, str | None], *, dtype: Any,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
 
 
+def _flat_lecun_normal(in_dims: int) -> Any:
+    """lecun_normal of the kernel flattened to (prod(in), prod(out)), reshaped back: the
+    same values as a Dense of the flat kernel (fan-in = the whole input width)."""
+    def init(rng: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        flat = (math.prod(shape[:in_dims]), math.prod(shape[in_dims:]))
+        return nn.initializers.lecun_normal()(rng, flat, dtype).reshape(shape)
+    return init
+
+
+class DenseGeneral(nn.Module):
+    """`y = x @ W + b` contracting the last `in_dims` dims of x with a kernel (in..., out...).
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its own shape (flax's version boxes
+    a flattened kernel with the full-rank names, which fails under a mesh).
+
+    Attributes:
+      features: output dims.
+      axes: logical names of the kernel (in... then out...); the bias takes the out ones.
+      in_dims: how many trailing input dims are contracted.
+      use_bias: whether to add a bias (out...).
+      dtype: compute dtype; params stay float32.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = self.in_dims
+        kernel = self.param("kernel", nn.with_logical_partitioning(_flat_lecun_normal(n),
+                                                                    self.axes),
+                            tuple(x.shape[-n:]) + tuple(self.features), jnp.float32)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), self.axes[n:]), tuple(self.features), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def _dense_general(features: int | tuple[int, ...], axes: tuple[str | None, ...], *,
                    dtype: Any, name: str | None = None, in_dims: int = 1,
-                   use_bias: bool = True) -> nn.DenseGeneral:
-    """A DenseGeneral contracting the last `in_dims` input dims; the kernel is
-    (in..., out...) and carries the logical names `axes`, the bias (out...) the last ones.
-
-    Initialised as a Dense of the flattened (in, out) kernel (lecun normal), reshaped.
-    """
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=tuple(range(-in_dims, 0)), use_bias=use_bias, dtype=dtype,
-        param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]))
+                   use_bias: bool = True) -> DenseGeneral:
+    """A `DenseGeneral` with kernel (in..., out...) named `axes`, as `_dense` for Dense."""
+    features = features if isinstance(features, tuple) else (features,)
+    return DenseGeneral(features, axes, in_dims, use_bias, dtype, name=name)
 
 
 def kernel_in_dims(path: Sequence[str]) -> int:
