@@ -233,20 +233,28 @@ def test_bfl_single_file_parity(saved, tmp_path):
     check_parity(config, params, model, spec, f"bfl {spec['block_out_channels']}")
 
 
-def test_flux_vae_key_names():
-    """The FLUX.1 ae.safetensors names our layout expects, spot-checked."""
+def test_flux_vae_layouts_match_diffusers_and_its_converter():
+    """At FLUX.1 size: our diffusers keys and shapes are exactly diffusers' model's, and
+    diffusers' own converter (convert_ldm_vae_checkpoint) maps our BFL keys onto them."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from leapalign_jax.models.autoencoder import FLUX_VAE
     from leapalign_jax.weights.autoencoder import _layout
-    bfl = {key: shape for key, shape in _layout(FLUX_VAE, "bfl").values()}
-    assert len(bfl) == 244
-    assert bfl["encoder.conv_in.weight"] == (128, 3, 3, 3)
-    assert bfl["encoder.conv_out.weight"] == (32, 512, 3, 3)
+    with torch.device("meta"):  # shapes only
+        model = diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False, use_post_quant_conv=False)
+    ref = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert dict(_layout(FLUX_VAE, "diffusers").values()) == ref
+
+    bfl = dict(_layout(FLUX_VAE, "bfl").values())
     assert bfl["decoder.up.0.block.0.nin_shortcut.weight"] == (128, 256, 1, 1)
     assert bfl["decoder.up.3.upsample.conv.weight"] == (512, 512, 3, 3)
-    assert bfl["decoder.up.0.block.2.conv2.weight"] == (128, 128, 3, 3)
     assert "decoder.up.0.upsample.conv.weight" not in bfl
-    assert bfl["encoder.down.2.downsample.conv.weight"] == (512, 512, 3, 3)
-    assert bfl["decoder.mid.attn_1.proj_out.weight"] == (512, 512)
+    as_stored = {key: torch.empty(shape + (1, 1) if ".attn_1." in key and len(shape) == 2
+                                  else shape, device="meta") for key, shape in bfl.items()}
+    converted = convert_ldm_vae_checkpoint(as_stored, dict(model.config))
+    assert {key: tuple(value.shape) for key, value in converted.items()} == ref
 
 
 # ----------------------------------------------------------------------------- errors

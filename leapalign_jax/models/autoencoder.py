@@ -117,7 +117,7 @@ FLUX_VAE = AutoencoderConfig()
 
 
 def tiny_autoencoder_config(**overrides: Any) -> AutoencoderConfig:
-    """A ~20k-parameter VAE for tests (widths 8, 16; 4x down); keywords override any field."""
+    """A ~44k-parameter VAE for tests (widths 8, 16; 2x down); keywords override any field."""
     fields = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
                   latent_channels=4)
     fields.update(overrides)
