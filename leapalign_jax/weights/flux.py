@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -32,8 +32,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from leapalign_jax.models.flux import FluxConfig, abstract_params, kernel_in_dims
-from leapalign_jax.weights.files import (Shapes, Tensors, cast, check_shapes, float_dtype,
-                                         read_json, set_path, weight_files)
+from leapalign_jax.weights.files import (Readers, Shapes, Tensors, check_shapes, float_dtype,
+                                         materialize, read_json, weight_files)
 
 Params = dict[str, Any]
 
@@ -146,17 +146,8 @@ def bfl_shapes(config: FluxConfig) -> Shapes:
     return {key: t.shape for key, t in _bfl_layout(config).items()}
 
 
-def _split_to_flax(tensor: _Tensor, array: np.ndarray, dtype: np.dtype,
-                   params: Params) -> None:
-    """A torch-layout BFL tensor -> its Flax leaves (split, transposed, reshaped) in params."""
-    sizes = np.cumsum([_torch_shape(p)[tensor.axis] for p in tensor.parts])[:-1]
-    for part, piece in zip(tensor.parts, np.split(array, sizes, axis=tensor.axis)):
-        flat = cast(piece, dtype, transpose=part.in_dims > 0)
-        set_path(params, part.path, flat.reshape(part.shape))
-
-
 def _join_to_torch(tensor: _Tensor, flat: dict[tuple[str, ...], Any]) -> np.ndarray:
-    """The inverse of `_split_to_flax`: Flax leaves -> one torch-layout array."""
+    """The inverse of `flux_readers`' split: Flax leaves -> one torch-layout array."""
     pieces = []
     for part in tensor.parts:
         leaf = np.asarray(flat[part.path])
@@ -335,30 +326,66 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
         unexpected or mis-shaped (all listed in one message).
     """
     dtype = float_dtype(dtype)
-    kind, where = _resolve(path)
-    params: Params = {}
     with contextlib.ExitStack() as stack:
-        if kind == "diffusers":
-            config = _diffusers_config(where)
-            tensors = Tensors(_diffusers_files(where), stack)
-            plan = _diffusers_plan(config)
-            expected = {k: s for sources, _ in plan.values() for k, s in sources}
-            _check(where, tensors.shapes, expected, config)
-            layout = _bfl_layout(config)
-            for key, (sources, swap) in plan.items():
-                parts = [tensors.read(k) for k, _ in sources]
-                array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-                if swap:
-                    array = np.roll(array, array.shape[0] // 2, axis=0)
-                _split_to_flax(layout[key], array, dtype, params)
-        else:
-            tensors = Tensors([where], stack)
-            config = _bfl_config(where, tensors.shapes, axes_dim)
-            layout = _bfl_layout(config)
-            _check(where, tensors.shapes, {k: t.shape for k, t in layout.items()}, config)
-            for key, tensor in layout.items():
-                _split_to_flax(tensor, tensors.read(key), dtype, params)
-    return config, params
+        config, readers = flux_readers(path, stack, axes_dim=axes_dim)
+        return config, materialize(readers, dtype)
+
+
+def flux_readers(path: str | os.PathLike, stack: contextlib.ExitStack, *,
+                 axes_dim: tuple[int, ...] | None = None) -> tuple[FluxConfig, Readers]:
+    """The config of a FLUX.1 transformer checkpoint and a reader per Flax leaf.
+
+    Every tensor is checked before any is read; the files stay open until `stack` closes.
+    Readers return Flax layout in the stored dtype. The Flax leaves cut from one BFL
+    tensor (a single block's `linear1/qkv` and `linear1/mlp`) share it: it is assembled
+    once (from diffusers' split q, k, v ... when needed) and dropped after its last part
+    is read, so reading leaf by leaf holds at most one checkpoint tensor. Same paths,
+    `axes_dim` rule and errors as `load_flux`.
+    """
+    kind, where = _resolve(path)
+    if kind == "diffusers":
+        config = _diffusers_config(where)
+        tensors = Tensors(_diffusers_files(where), stack)
+        plan = _diffusers_plan(config)
+        _check(where, tensors.shapes, {k: s for sources, _ in plan.values() for k, s in sources},
+               config)
+
+        def assemble(key: str) -> np.ndarray:
+            sources, swap = plan[key]
+            parts = [tensors.read(k) for k, _ in sources]
+            array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            return np.roll(array, array.shape[0] // 2, axis=0) if swap else array
+    else:
+        tensors = Tensors([where], stack)
+        config = _bfl_config(where, tensors.shapes, axes_dim)
+        _check(where, tensors.shapes, bfl_shapes(config), config)
+        assemble = tensors.read
+    return config, _part_readers(_bfl_layout(config), assemble)
+
+
+def _part_readers(layout: dict[str, _Tensor], assemble: Callable[[str], np.ndarray]) -> Readers:
+    """A reader per Flax leaf of every BFL tensor, sharing a one-tensor cache."""
+    current: dict[str, Any] = {}  # key, the assembled tensor, the parts not yet read
+
+    def reader(key: str, tensor: _Tensor, i: int) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            if current.get("key") != key:
+                current.clear()
+                current.update(key=key, array=assemble(key), left=set(range(len(tensor.parts))))
+            array = current["array"]
+            current["left"].discard(i)
+            if not current["left"]:
+                current.clear()
+            sizes = np.cumsum([_torch_shape(p)[tensor.axis] for p in tensor.parts])
+            start = sizes[i - 1] if i else 0
+            piece = np.take(array, np.arange(start, sizes[i]), axis=tensor.axis) \
+                if len(tensor.parts) > 1 else array
+            part = tensor.parts[i]
+            return (piece.T if part.in_dims else piece).reshape(part.shape)
+        return read
+
+    return {part.path: reader(key, tensor, i)
+            for key, tensor in layout.items() for i, part in enumerate(tensor.parts)}
 
 
 def save_flux_bfl(path: str | os.PathLike, config: FluxConfig, params: Params, *,
