@@ -50,10 +50,15 @@ def randomize(module: Any, seed: int, scale: float = 0.1) -> None:
 
 
 def build_torch_flux_folder(path: str | os.PathLike, *, seed: int = 0,
-                            guidance_embeds: bool = True,
-                            scheduler: dict | None = None) -> Any:
+                            guidance_embeds: bool = True, scheduler: dict | None = None,
+                            sizes: dict[str, dict] | None = None) -> Any:
     """Writes a tiny random FLUX.1 folder with diffusers / transformers and returns the
-    diffusers `FluxPipeline` loaded from it (float32, eval mode)."""
+    diffusers `FluxPipeline` loaded from it (float32, eval mode).
+
+    `sizes` overrides constructor arguments per component ("transformer", "text_encoder",
+    "text_encoder_2", "vae"), e.g. a mid-size T5 and VAE for benchmarks; the transformer's
+    widths must keep matching the encoders and the VAE.
+    """
     import torch
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            FluxTransformer2DModel)
@@ -61,17 +66,22 @@ def build_torch_flux_folder(path: str | os.PathLike, *, seed: int = 0,
 
     folder = os.fspath(path)
     torch.manual_seed(seed)
+    sizes = sizes or {}
     parts = {
-        "transformer": FluxTransformer2DModel(**FLUX, guidance_embeds=guidance_embeds),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP)),
-        "text_encoder_2": T5EncoderModel(T5Config(**T5)),
-        "vae": AutoencoderKL(**VAE),
+        "transformer": FluxTransformer2DModel(**FLUX | sizes.get("transformer", {}),
+                                              guidance_embeds=guidance_embeds),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP | sizes.get("text_encoder", {}))),
+        "text_encoder_2": T5EncoderModel(T5Config(**T5 | sizes.get("text_encoder_2", {}))),
+        "vae": AutoencoderKL(**VAE | sizes.get("vae", {})),
     }
     for i, (name, module) in enumerate(parts.items()):
         randomize(module, seed * 10 + i)
+        shards = {}
+        if name == "text_encoder_2":  # a few shards with an index, as FLUX.1-dev's T5
+            size = sum(p.numel() * p.element_size() for p in module.parameters())
+            shards = {"max_shard_size": int(0.45 * size)}
         module.eval().save_pretrained(os.path.join(folder, name), safe_serialization=True,
-                                      **({"max_shard_size": "40KB"}
-                                         if name == "text_encoder_2" else {}))
+                                      **shards)
     FlowMatchEulerDiscreteScheduler(**(scheduler or SCHEDULER)).save_pretrained(
         os.path.join(folder, "scheduler"))
     for name in ("tokenizer", "tokenizer_2"):
