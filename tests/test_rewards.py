@@ -428,6 +428,53 @@ def test_vision_only_backbone(quick_clip, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_torch_bin_folder(gelu_clip, tmp_path):
+    """A CLIPModel folder holding only pytorch_model.bin loads as its safetensors twin."""
+    import torch
+
+    from leapalign_jax.rewards.base import load_clip_folder
+
+    model, folder = gelu_clip
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (_, a), (_, b) = load_clip_folder(folder), load_clip_folder(tmp_path)
+    assert set(a) == {"text_model", "vision_model", "logit_scale"}
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_full_size_shapes(tmp_path):
+    """ViT-H-14 sizes come out of OpenCLIP shapes; a real-size LAION head loads."""
+    import torch
+
+    from leapalign_jax.rewards.aesthetic import load_head
+    from leapalign_jax.rewards.hpsv21 import openclip_config
+
+    shapes = {"token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024),
+              "text_projection": (1024, 1024), "visual.conv1.weight": (1280, 3, 14, 14),
+              "visual.positional_embedding": (257, 1280), "visual.proj": (1280, 1024),
+              "transformer.resblocks.0.mlp.c_fc.weight": (4096, 1024),
+              "visual.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280)}
+    shapes |= {f"transformer.resblocks.{i}.ln_1.weight": (1024,) for i in range(24)}
+    shapes |= {f"visual.transformer.resblocks.{i}.ln_1.weight": (1280,) for i in range(32)}
+    config = openclip_config(shapes, "HPS_v2.1_compressed.pt")
+    assert (config.text.hidden_size, config.text.num_layers, config.text.num_heads,
+            config.text.intermediate_size, config.text.max_position_embeddings,
+            config.text.hidden_act) == (1024, 24, 16, 4096, 77, "gelu")
+    assert (config.vision.hidden_size, config.vision.num_layers, config.vision.num_heads,
+            config.vision.intermediate_size, config.vision.patch_size,
+            config.vision.image_size) == (1280, 32, 16, 5120, 14, 224)
+    assert config.projection_dim == 1024
+
+    widths = [768, 1024, 128, 64, 16, 1]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    state = {f"layers.{i}.{k}": v for i, layer in zip((0, 2, 4, 6, 7), layers)
+             for k, v in layer.state_dict().items()}
+    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    width_in, out, params = load_head(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    assert width_in == 768 and out == (1024, 128, 64, 16, 1)
+    np.testing.assert_array_equal(params["layers_2"]["kernel"], layers[1].weight.detach().T)
+
+
 # ----------------------------------------------------------------------------- combination
 
 

@@ -16,7 +16,6 @@ normalisation). The score is the predicted rating (about 1-10); prompts are igno
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any, Sequence
 
@@ -26,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from leapalign_jax.models.clip import CLIPVisionConfig
-from leapalign_jax.rewards.base import Params, Reward, image_embedder, to_device, with_compute
-from leapalign_jax.weights.clip import clip_vision_readers, load_clip_vision, read_clip_config
-from leapalign_jax.weights.files import (Tensors, cast, check_shapes, materialize, read_json,
-                                         weight_files)
+from leapalign_jax.rewards.base import (Params, Reward, image_embedder, load_clip_folder,
+                                        to_device, with_compute)
+from leapalign_jax.weights.clip import load_clip_vision
+from leapalign_jax.weights.files import cast, check_shapes, read_json
 from leapalign_jax.weights.torch_pickle import TorchTensors
 
 NAME = "aesthetic"
@@ -103,12 +102,8 @@ def load_backbone(path: str | os.PathLike) -> tuple[CLIPVisionConfig, Params]:
             raise ValueError(f"{folder}: a CLIPVisionModel without visual_projection; pass a "
                              "CLIPVisionModelWithProjection or a full CLIPModel folder")
         return config, params
-    config = read_clip_config(folder).vision  # raises for other model types
-    with contextlib.ExitStack() as stack:
-        tensors = Tensors(weight_files(folder, "model.safetensors",
-                                       "model.safetensors.index.json"), stack)
-        readers = clip_vision_readers(tensors, config, "vision_model.", source=folder)
-        return config, materialize(readers, np.float32)
+    config, params = load_clip_folder(folder, vision_only=True)  # raises for other types
+    return config.vision, params["vision_model"]
 
 
 def load(path: str | os.PathLike, *, backbone: str | os.PathLike | None = None,

@@ -12,6 +12,7 @@ outside the step; the text tower need not stay in device memory during training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,15 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leapalign_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
-                                       CLIPVisionModel, l2_normalize)
+from leapalign_jax.models.clip import (CLIPConfig, CLIPTextConfig, CLIPTextModel,
+                                       CLIPVisionConfig, CLIPVisionModel, l2_normalize)
 from leapalign_jax.rewards.preprocess import preprocess
-from leapalign_jax.weights.clip import load_clip
+from leapalign_jax.weights.clip import clip_text_readers, clip_vision_readers, read_clip_config
+from leapalign_jax.weights.files import Tensors, materialize, weight_files
+from leapalign_jax.weights.torch_pickle import TorchTensors
 
 Params = dict[str, Any]
 ScoreFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 EmbedFn = Callable[[Params, jax.Array], jax.Array]
 _TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+_WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+_TORCH_WEIGHTS = "pytorch_model.bin"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -181,6 +186,44 @@ def with_compute(config: Any, dtype: str, remat: str) -> Any:
     return dataclasses.replace(config, dtype=dtype, remat=remat)
 
 
+def _clip_weights(folder: str, stack: contextlib.ExitStack) -> Tensors | TorchTensors:
+    """The weights of a transformers folder: safetensors (one file or sharded), else a
+    single `pytorch_model.bin` (read without torch; older uploads ship only that)."""
+    try:
+        return Tensors(weight_files(folder, _WEIGHTS, _INDEX), stack)
+    except FileNotFoundError:
+        torch_file = os.path.join(folder, _TORCH_WEIGHTS)
+        if not os.path.isfile(torch_file):
+            raise FileNotFoundError(f"no {_WEIGHTS}, {_INDEX} or {_TORCH_WEIGHTS} in {folder}; "
+                                    "download the model's weights") from None
+        return stack.enter_context(TorchTensors(torch_file))
+
+
+def load_clip_folder(path: str | os.PathLike, *,
+                     vision_only: bool = False) -> tuple[CLIPConfig, Params]:
+    """A transformers `CLIPModel` folder as `(CLIPConfig, params)` in the tree of
+    `leapalign_jax.weights.clip.load_clip` ({"text_model", "vision_model", "logit_scale"}),
+    from safetensors or a `pytorch_model.bin`; `vision_only` reads the vision tower only.
+
+    Raises FileNotFoundError / ValueError (first line naming the folder) for a missing
+    folder, config or weights, another model type, or missing / mis-shaped tensors.
+    """
+    folder = os.fspath(path)
+    config = read_clip_config(folder)  # checks the folder and model_type "clip"
+    with contextlib.ExitStack() as stack:
+        tensors = _clip_weights(folder, stack)
+        readers = {("vision_model",) + p: r for p, r in clip_vision_readers(
+            tensors, config.vision, "vision_model.", source=folder).items()}
+        if not vision_only:
+            readers |= {("text_model",) + p: r for p, r in clip_text_readers(
+                tensors, config.text, "text_model.", source=folder).items()}
+            if "logit_scale" not in tensors:
+                raise ValueError(f"{folder}: no logit_scale tensor; pass a full CLIPModel "
+                                 "checkpoint")
+            readers[("logit_scale",)] = functools.partial(tensors.read, "logit_scale")
+        return config, materialize(readers, np.float32)
+
+
 def load_hf_clip_reward(name: str, path: str | os.PathLike, *,
                         tokenizer: str | os.PathLike | None, dtype: str, remat: str,
                         logit_scaled: bool) -> Reward:
@@ -188,7 +231,7 @@ def load_hf_clip_reward(name: str, path: str | os.PathLike, *,
 
     Images are preprocessed as HF's `CLIPImageProcessor` does (floor crop offsets).
     """
-    config, params = load_clip(path)
+    config, params = load_clip_folder(path)
     folder = os.fspath(path)
     tokenize = load_tokenizer(tokenizer_folder(tokenizer, folder, name),
                               config.text.max_position_embeddings, name)

@@ -1,7 +1,7 @@
 """PickScore: a CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences (yuvalkirstain/PickScore_v1).
 
-A transformers `CLIPModel` folder (`config.json` + `model.safetensors`), loaded by
-`leapalign_jax.weights.clip.load_clip`. The score is PickScore's own:
+A transformers `CLIPModel` folder (`config.json` + `model.safetensors`, or an older
+`pytorch_model.bin`, read without torch). The score is PickScore's own:
 `exp(logit_scale) * cos(image_embeds, text_embeds)` (about 20 for a good match).
 Images are preprocessed as its `CLIPImageProcessor` does (shorter side 224, bicubic with
 antialiasing, centre crop with floored offsets, CLIP normalisation). The tokenizer is
