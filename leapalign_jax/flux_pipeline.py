@@ -37,20 +37,23 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from leapalign_jax import flow
+from leapalign_jax import flow, parallel
 from leapalign_jax.models.autoencoder import (AutoencoderConfig, AutoencoderKL,
                                               from_transformer_latents)
 from leapalign_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from leapalign_jax.models.flux import Flux, FluxConfig
 from leapalign_jax.models.t5 import T5Config, T5Encoder
 from leapalign_jax.weights import flux_folder
-from leapalign_jax.weights.autoencoder import load_autoencoder
+from leapalign_jax.weights.autoencoder import load_autoencoder, read_autoencoder_config
 from leapalign_jax.weights.clip import load_clip_text
 from leapalign_jax.weights.files import weight_files
-from leapalign_jax.weights.flux import load_flux
+from leapalign_jax.weights.flux import load_flux, read_flux_config
 from leapalign_jax.weights.flux_folder import SchedulerConfig
-from leapalign_jax.weights.t5 import load_t5
+from leapalign_jax.weights.sharded import (load_autoencoder_sharded, load_flux_sharded,
+                                           load_t5_sharded)
+from leapalign_jax.weights.t5 import load_t5, read_t5_config
 
 Params = Any
 
@@ -314,12 +317,26 @@ def _check_agree(folder: str, configs: dict[str, Any]) -> None:
                 "come from different models, re-download the folder")
 
 
+def _files_of(where: str, single: str) -> Any:
+    """Lister of a component's weight files: a single file, or a folder's (sharded) ones."""
+    if os.path.isfile(where):
+        return lambda: [where]
+    return lambda: weight_files(where, single, single + ".index.json")
+
+
 def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
                        components: Sequence[str] = tuple(COMPONENTS),
                        param_dtype: Any = np.float32,
                        transformer_path: str | os.PathLike | None = None,
-                       vae_path: str | os.PathLike | None = None) -> FluxPipeline:
+                       vae_path: str | os.PathLike | None = None,
+                       mesh: Mesh | None = None,
+                       rules: Sequence[tuple[str, Any]] = parallel.DEFAULT_RULES
+                       ) -> FluxPipeline:
     """Loads a FLUX.1 folder in diffusers layout as a `FluxPipeline`.
+
+    Everything cheap is checked before any weight is read (model_index.json, every
+    component's presence, the scheduler config, the tokenizers, the configs' agreement);
+    then the components load one tensor at a time.
 
     Args:
       path: the pipeline folder (model_index.json, transformer/, text_encoder/,
@@ -333,6 +350,9 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
         a fine-tuned flux1-dev.safetensors) instead of `path/transformer`.
       vae_path: another VAE (diffusers folder or BFL's ae.safetensors) instead of
         `path/vae`; a folder without vae/ but with BFL's ae.safetensors uses that file.
+      mesh: load the transformer, T5 and VAE straight onto their device shards
+        (`weights.sharded`, logical axes mapped by `rules`), tensor by tensor, instead of
+        into host memory; CLIP (small) is loaded whole.
 
     Raises:
       FileNotFoundError: the folder, model_index.json, a component or a weight file is
@@ -348,6 +368,10 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
     if vae_path is None and "vae" in components and not os.path.isdir(
             os.path.join(folder, "vae")) and os.path.isfile(ae_file):
         vae_path = ae_file
+    where = {"transformer": os.fspath(transformer_path or os.path.join(folder, "transformer")),
+             "t5": os.path.join(folder, "text_encoder_2"),
+             "clip": os.path.join(folder, "text_encoder"),
+             "vae": os.fspath(vae_path or os.path.join(folder, "vae"))}
     needed = ["scheduler"] + [sub for key in components for sub in COMPONENTS[key]]
     needed = [k for k in needed if not ((k == "transformer" and transformer_path)
                                         or (k == "vae" and vae_path))]
@@ -355,33 +379,36 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
     for key in needed:
         flux_folder.component_dir(folder, key)
     scheduler = flux_folder.read_scheduler_config(folder)
-
-    configs: dict[str, Any] = {}
-    params: dict[str, Params] = {}
-    if "transformer" in components:
-        where = transformer_path or os.path.join(folder, "transformer")
-        configs["transformer"], params["transformer"] = flux_folder.load_component(
-            "transformer", lambda: load_flux(where, dtype=param_dtype),
-            _files_of(where, "diffusion_pytorch_model.safetensors"))
-    if "t5" in components:
-        configs["t5"], params["t5"] = flux_folder.load_component(
-            "text_encoder_2",
-            lambda: load_t5(os.path.join(folder, "text_encoder_2"), dtype=param_dtype),
-            _files_of(os.path.join(folder, "text_encoder_2"), "model.safetensors"))
-    if "clip" in components:
-        configs["clip"], params["clip"] = flux_folder.load_component(
-            "text_encoder",
-            lambda: load_clip_text(os.path.join(folder, "text_encoder"), dtype=param_dtype),
-            _files_of(os.path.join(folder, "text_encoder"), "model.safetensors"))
-    if "vae" in components:
-        where = vae_path or os.path.join(folder, "vae")
-        configs["vae"], params["vae"] = flux_folder.load_component(
-            "vae", lambda: load_autoencoder(where, dtype=param_dtype),
-            _files_of(where, "diffusion_pytorch_model.safetensors"))
-    _check_agree(folder, configs)
-    configs = {k: dataclasses.replace(c, dtype=dtype) for k, c in configs.items()}
     clip_tok, t5_tok = flux_folder.load_tokenizers(folder, clip="clip" in components,
                                                    t5="t5" in components)
+
+    # Configs first (headers and config.json only), so mismatches fail before any weights.
+    readers = {"transformer": read_flux_config, "t5": read_t5_config,
+               "vae": read_autoencoder_config}
+    configs = {k: readers[k](where[k]) for k in components if k in readers}
+    _check_agree(folder, configs)
+
+    loaders = {  # key -> (folder component, loader, single weight file name)
+        "clip": ("text_encoder", load_clip_text, "model.safetensors"),
+        "vae": ("vae", load_autoencoder, "diffusion_pytorch_model.safetensors"),
+        "t5": ("text_encoder_2", load_t5, "model.safetensors"),
+        "transformer": ("transformer", load_flux, "diffusion_pytorch_model.safetensors"),
+    }
+    if mesh is not None:
+        sharded = {"vae": load_autoencoder_sharded, "t5": load_t5_sharded,
+                   "transformer": load_flux_sharded}
+        loaders = {k: (sub, functools.partial(sharded[k], mesh=mesh, rules=rules)
+                       if k in sharded else loader, single)
+                   for k, (sub, loader, single) in loaders.items()}
+    params: dict[str, Params] = {}
+    for key, (sub, loader, single) in loaders.items():  # smallest first
+        if key not in components:
+            continue
+        configs[key], params[key] = flux_folder.load_component(
+            sub, functools.partial(loader, where[key], dtype=param_dtype),
+            _files_of(where[key], single))
+        _check_agree(folder, configs)
+    configs = {k: dataclasses.replace(c, dtype=dtype) for k, c in configs.items()}
     clip_max = 77
     if clip_tok is not None:
         clip_max = min(int(clip_tok.model_max_length), configs["clip"].max_position_embeddings)
@@ -389,11 +416,3 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
                         clip=configs.get("clip"), vae=configs.get("vae"), scheduler=scheduler,
                         params=params, clip_tokenizer=clip_tok, t5_tokenizer=t5_tok,
                         clip_max_length=clip_max, path=folder)
-
-
-def _files_of(where: str | os.PathLike, single: str) -> Any:
-    """Lister of a component's weight files: a single file, or a diffusers folder's."""
-    where = os.fspath(where)
-    if os.path.isfile(where):
-        return lambda: [where]
-    return lambda: weight_files(where, single, single + ".index.json")

@@ -40,13 +40,16 @@ SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift
 
 
 def randomize(module: Any, seed: int, scale: float = 0.1) -> None:
-    """Adds N(0, scale^2) noise to every parameter (so zero / one inits become random)."""
+    """Adds noise to every parameter: `scale` x its own std where it varies (kernels keep
+    their init's scale), `scale` absolute where it is constant (zero biases, unit norm
+    weights), so every parameter is random and activations stay well scaled."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            spread = float(p.std()) if p.numel() > 1 else 0.0
+            p.add_(scale * (spread or 1.0) * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def build_torch_flux_folder(path: str | os.PathLike, *, seed: int = 0,

@@ -183,6 +183,21 @@ def test_tiny_folder_writer_loads_in_diffusers(tiny_folder):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_loading_onto_a_mesh(tiny_folder):
+    """mesh=...: the same pipeline, its big components built on their device shards."""
+    from leapalign_jax import parallel
+
+    plain = load_flux_pipeline(tiny_folder)
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    sharded = load_flux_pipeline(tiny_folder, mesh=mesh)
+    leaf = sharded.params["transformer"]["img_in"]["kernel"]
+    assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
+    for key in ("transformer", "t5", "vae", "clip"):
+        jax.tree.map(np.testing.assert_array_equal, sharded.params[key], plain.params[key])
+    embeds, pooled = sharded.encode_prompts(PROMPTS[:1], max_sequence_length=SEQ)
+    np.testing.assert_allclose(embeds, plain.encode_prompts(PROMPTS[:1], SEQ)[0], atol=1e-6)
+
+
 def test_bfl_autoencoder_file(tiny_folder, tmp_path):
     """Without vae/, BFL's ae.safetensors beside the components is used (or vae_path)."""
     from leapalign_jax.models import autoencoder as vae_model
