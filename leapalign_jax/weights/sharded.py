@@ -84,10 +84,10 @@ def load_sharded(readers: Readers, abstract: Any, mesh: Mesh,
     shardings = leaf_shardings(abstract, mesh, rules)
     _check_paths(source, readers, shapes)
     flat = {}
-    for path, leaf in shapes.items():
-        shape = tuple(leaf.shape)
+    for path, read in readers.items():  # readers' order: parts of one tensor together
+        shape = tuple(shapes[path].shape)
         flat[path] = jax.make_array_from_callback(
-            shape, shardings[path], _shard_reader(readers[path], shape, dtype, source, path))
+            shape, shardings[path], _shard_reader(read, shape, dtype, source, path))
     return flax.traverse_util.unflatten_dict(flat)
 
 
