@@ -28,8 +28,8 @@
 #    accelerator large enough for it (see the memory notes there).
 #
 # In Colab pick a runtime under *Runtime > Change runtime type*: the shapes world runs
-# on any of them (CPU included); a TPU or GPU runtime makes the full run take minutes
-# instead of about twenty.
+# on any of them, CPU included (about twenty minutes on 2 CPU cores, most of it building
+# the world's models once); a TPU or GPU runtime is faster.
 #
 # Every run goes through the command line, `python -m leapalign_jax.main --config ...
 # --workdir ...`, in a subprocess. The notebook's own Python process never imports JAX:
@@ -312,8 +312,8 @@ else:
 # Other tasks on the same workdir: `--config.task=sample` writes a PNG grid of the
 # evaluation prompts from the newest checkpoint's EMA params to `WORKDIR/samples/`, and
 # `--config.task=evaluate` re-runs the held-out evaluation. Variants pick another method
-# on the same world (`configs/toy_leapalign.py:refl`, `:draft`, `:alignprop`, `:grpo`,
-# ...); `--config.method.alpha=0.1` and other overrides change one knob.
+# on the same world (`configs/toy_leapalign.py:refl`, `:draft`, `:draft_lv`, `:drtune`,
+# `:alignprop`, `:grpo`); `--config.method.alpha=0.1` and other overrides change one knob.
 #
 # ## 4. Align FLUX.1 with LoRA
 #
