@@ -10,8 +10,8 @@ transformer and CLIP) is built with diffusers / transformers and saved in FLUX.1
 read the same folder. Timed, after one warm-up call (JAX compiles there), alternating
 between the two sides so both see the same machine load:
 
-- T5 encode: the pipeline's jitted T5 on prompts tokenized to `--seq` (as
-  `encode_prompts`) vs `text_encoder_2(ids)`;
+- T5 encode: `pipe.t5_embeds(ids)` (the jitted T5 of `encode_prompts`) on prompts
+  tokenized to `--seq` vs `text_encoder_2(ids)`;
 - VAE decode: `pipe.decode(packed, H, W)` (unpack, scale, decode, to [0, 1]) vs FluxPipeline's
   `_unpack_latents` + scaling + `vae.decode` + `postprocess(output_type="np")`.
 
@@ -85,19 +85,18 @@ def main() -> None:
     h = 2 * (side // (ref.vae_scale_factor * 2))
     packed = rng.standard_normal((args.batch, (h // 2) ** 2, 64)).astype(np.float32)
     packed_torch = torch.from_numpy(packed)
-    t5_params, vae_params = jax.device_put(pipe.params["t5"]), jax.device_put(pipe.params["vae"])
+    pipe.params.update(jax.device_put({k: pipe.params[k] for k in ("t5", "vae")}))
     out = {}
 
     def jax_t5():
-        out["jax_t5"] = jax.block_until_ready(pipe._jitted["t5"](t5_params, t5_ids))
+        out["jax_t5"] = jax.block_until_ready(pipe.t5_embeds(t5_ids))
 
     def torch_t5():
         with torch.inference_mode():
             out["torch_t5"] = ref.text_encoder_2(t5_ids_torch)[0]
 
     def jax_vae():
-        out["jax_vae"] = jax.block_until_ready(pipe._jitted["decode"](
-            vae_params, packed, latent_hw=(h, h)))
+        out["jax_vae"] = jax.block_until_ready(pipe.decode(packed, side, side))
 
     def torch_vae():
         with torch.inference_mode():

@@ -199,8 +199,17 @@ class FluxPipeline:
                        ) -> tuple[jax.Array, jax.Array]:
         """`FluxPipeline.encode_prompt`: (prompt_embeds (B, S, 4096), pooled (B, 768))."""
         t5_ids, clip_ids = self.tokenize(prompts, max_sequence_length)
-        return (self._jitted["t5"](self.params["t5"], t5_ids),
-                self._jitted["clip"](self.params["clip"], clip_ids))
+        return self.t5_embeds(t5_ids), self.clip_pooled(clip_ids)
+
+    def t5_embeds(self, ids: Any) -> jax.Array:
+        """(B, S) T5 ids -> prompt_embeds (B, S, d_model), jitted `encode_t5`."""
+        self._need("t5", "t5_embeds")
+        return self._jitted["t5"](self.params["t5"], jnp.asarray(ids, jnp.int32))
+
+    def clip_pooled(self, ids: Any) -> jax.Array:
+        """(B, 77) CLIP ids -> pooled_prompt_embeds (B, hidden), jitted `encode_clip`."""
+        self._need("clip", "clip_pooled")
+        return self._jitted["clip"](self.params["clip"], jnp.asarray(ids, jnp.int32))
 
     # ------------------------------------------------------------------ latents
 

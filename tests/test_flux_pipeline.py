@@ -124,6 +124,32 @@ def test_sample_matches_diffusers(pipes):
     assert np.abs(a - c).max() > 1e-3
 
 
+def test_schnell_like_sample_matches_diffusers(tmp_path):
+    """No guidance embedding and a constant-shift schedule (FLUX.1-schnell's layout)."""
+    folder = str(tmp_path / "schnell")
+    ref = flux_fixtures.build_torch_flux_folder(
+        folder, seed=1, guidance_embeds=False,
+        scheduler=dict(shift=1.0, use_dynamic_shifting=False))
+    ours = load_flux_pipeline(folder)
+    assert not ours.transformer.guidance_embed and not ours.scheduler.use_dynamic_shifting
+    latents = packed_noise(ref, 1, seed=3)
+    images = ours.sample(PROMPTS[1:2], height=SIZE, width=SIZE, num_steps=2, guidance=7.0,
+                         latents=latents, max_sequence_length=SEQ)
+    expected = ref(PROMPTS[1:2], height=SIZE, width=SIZE, num_inference_steps=2,
+                   guidance_scale=7.0, latents=torch.from_numpy(latents), output_type="np",
+                   max_sequence_length=SEQ).images
+    assert rel_err(images, expected) < 1e-3
+
+
+def test_bfloat16_compute_dtype(torch_folder):
+    """dtype= sets every network's compute dtype; params stay float32. (Each component's
+    bf16 accuracy is tested with the component.)"""
+    bf16 = load_flux_pipeline(torch_folder[0], dtype="bfloat16")
+    assert {bf16.transformer.dtype, bf16.t5.dtype, bf16.clip.dtype, bf16.vae.dtype} == {
+        "bfloat16"}
+    assert {leaf.dtype for leaf in jax.tree.leaves(bf16.params)} == {np.dtype(np.float32)}
+
+
 @pytest.mark.parametrize("config", [
     flux_fixtures.SCHEDULER,  # FLUX.1-dev: resolution-dependent shift
     dict(shift=1.0, use_dynamic_shifting=False),  # FLUX.1-schnell
