@@ -129,3 +129,22 @@ def maybe_initialize_distributed() -> None:
                                           "SLURM_NTASKS"))
     if multi and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host or single-device arrays (PRNG keys included) as copies on every device of
+    `mesh`, which may span processes; every process passes the same values.
+
+    `jax.device_put` refuses a sharding with devices of other processes for an array that
+    already lives on a device, so each leaf is rebuilt from its host copy.
+    """
+    sharding = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)

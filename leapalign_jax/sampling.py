@@ -45,7 +45,7 @@ def on_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh | None, params: Para
 
     def place(x):  # arrays already on this mesh stay; host arrays are replicated on it
         on = isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh
-        return x if on else jax.device_put(x, parallel.replicated(mesh))
+        return x if on else parallel.replicate(x, mesh)
 
     params, frozen, rest = jax.tree.map(place, (params, frozen, rest))
     out = fn(params, frozen, parallel.shard_batch(batch, mesh), *rest)

@@ -207,3 +207,35 @@ def test_main_trains_then_samples_and_rejects_bad_input(tmp_path):
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
         last = bad.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and word in last, last
+
+
+def test_grid_upscales_tiles_and_writes_captions(tmp_path):
+    images = np.zeros((3, 32, 32, 3), np.float32)
+    images[1] = 1.0
+    plain = sampling.grid_image(images, columns=2, upscale=1)
+    assert plain.shape == (2 * 34 - 2, 2 * 34 - 2, 3)
+    grid = sampling.save_grid(images, str(tmp_path / "g" / "grid.png"), columns=2,
+                              captions=["a red circle above a blue square", "b", "c"])
+    tile = 128  # 32x32 samples are upscaled 4x (nearest) by default
+    assert grid.shape[1] == 2 * (tile + 2) - 2 and grid.shape[0] > 2 * tile
+    assert (grid[:tile, tile + 2:2 * tile + 2] == 255).all()  # the white sample, upscaled
+    caption = grid[tile:tile + 20, :tile]
+    assert (caption < 128).any() and (caption == 255).any()  # dark text on white
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "grid.png")), grid)
+
+
+def test_paths_write_move_and_hparams(tmp_path):
+    from leapalign_jax import paths
+
+    target = str(tmp_path / "a" / "b.txt")
+    paths.write_text(target, "x")
+    assert paths.read_text(target) == "x" and paths.listdir(tmp_path / "a") == ["b.txt"]
+    paths.move(tmp_path / "a", tmp_path / "c" / "moved")
+    assert paths.read_text(tmp_path / "c" / "moved" / "b.txt") == "x"
+    assert not paths.exists(tmp_path / "a")
+    assert paths.join("gs://bucket/run", "eval", "base") == "gs://bucket/run/eval/base"
+    assert paths.join("rel", "x") == os.path.join(os.path.abspath("rel"), "x")
+    flat = train.flat_hparams(tiny_config())
+    assert flat["train.steps"] == 12 and flat["method.name"] == "leapalign"
+    assert isinstance(flat["mesh.shape"], str)
