@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "train"  # train | sample | evaluate
+    c.task = "train"  # train | sample | evaluate | embed (FLUX.1 prompt embeddings)
     c.seed = 0  # every random stream derives from it by fold_in / named sub-seeds
     c.eval_name = ""  # task=evaluate writes DIR/eval/<eval_name>/ ("" = step_<N>)
 
@@ -83,8 +83,11 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, num_steps: i
 
     `data_parallel` is the mesh's data x fsdp size, `num_steps` the rollout length T.
     """
-    _check(config.task in ("train", "sample", "evaluate"),
-           f"config.task={config.task!r}: use train, sample or evaluate")
+    _check(config.task in ("train", "sample", "evaluate", "embed"),
+           f"config.task={config.task!r}: use train, sample, evaluate or embed")
+    _check(config.task != "embed" or config.world.name == "flux",
+           "config.task=embed precomputes FLUX.1 prompt embeddings; use it with "
+           "configs/flux_dev.py (world flux)")
     m = config.method
     _check(m.name in methods.names(), f"config.method.name={m.name!r}: use one of "
            f"{methods.names()} (or pick the variant, e.g. --config=configs/x.py:refl)")

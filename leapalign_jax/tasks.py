@@ -1,4 +1,4 @@
-"""The tasks `main.py` dispatches on `config.task`: train, sample, evaluate.
+"""The tasks `main.py` dispatches on `config.task`: train, sample, evaluate, embed.
 
 Each task builds the world, then calls the trainer, the sampler or the world's evaluator.
 Inference tasks read only the EMA params of the newest checkpoint (`checkpoint.
@@ -15,11 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from leapalign_jax import checkpoint, evaluate, paths, sampling, train
+from leapalign_jax import checkpoint, evaluate, flux_world, paths, sampling, train
 from leapalign_jax.pipeline import Params, World
 from leapalign_jax.world import build_world
 
-TASKS = ("train", "sample", "evaluate")
+TASKS = ("train", "sample", "evaluate", "embed")
 
 
 def latest_params(config: ml_collections.ConfigDict, workdir: str, world: World,
@@ -118,4 +118,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
         return sample(config, workdir)
     if config.task == "evaluate":
         return evaluate_checkpoint(config, workdir)
+    if config.task == "embed":  # FLUX.1 prompt embeddings into workdir/embeddings/
+        return flux_world.embed(config, workdir)
     raise ValueError(f"config.task={config.task!r}: use one of {TASKS}")

@@ -8,6 +8,8 @@ prompt stream. `config.world.name` picks one:
   "redness" reward. Needs nothing on disk; used by tests and for smoke runs. Its
   evaluation is the mean redness of the evaluation prompts' samples.
 - "shapes": the offline shapes world (leapalign_jax.toy), the default experiment.
+- "flux": FLUX.1-dev from a diffusers folder, prompt files and a reward model
+  (leapalign_jax/flux_world.py, configs/flux_dev.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from leapalign_jax import checkpoint, evaluate, flow, parallel, sampling
+from leapalign_jax import checkpoint, evaluate, flow, flux_world, parallel, sampling
 from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import world as shapes_world
@@ -164,6 +166,7 @@ def _result_knobs(wc: ml_collections.ConfigDict) -> dict:
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], World]] = {
     "random_flux": build_random_flux,
     "shapes": shapes_world.build,
+    "flux": flux_world.build,
 }
 
 

@@ -1,0 +1,179 @@
+"""The "flux" world on tiny random FLUX.1 folders (configs/flux_dev.py:tiny).
+
+- The CLI trains, evaluates (before/after, with the reward's standard error) and samples
+  through every real loader.
+- `task=embed` writes resumable embeddings equal to live encoding; training from them runs
+  with the text encoders removed from the folder and their loader disabled.
+- A stale embeddings cache (another sequence length, other encoders) is a one-line error
+  naming the fix.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from leapalign_jax import data, embeddings, flux_world, parallel, train
+from leapalign_jax.config_lib import load_config
+from leapalign_jax.weights import flux_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "flux_dev.py")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tiny folders, written once for the module (as the :tiny variant does)."""
+    root = str(tmp_path_factory.mktemp("flux_tiny"))
+    config = tiny_config(root)
+    flux_world.sources(config.world)
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedded(cache, tmp_path_factory):
+    """`--config.task=embed` run once from the CLI; returns its workdir."""
+    workdir = tmp_path_factory.mktemp("emb")
+    proc = _cli(workdir, f"--config.world.cache_dir={cache}", "--config.task=embed")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"--config.world.embeddings={workdir}" in proc.stdout
+    return str(workdir)
+
+
+def tiny_config(cache_dir: str, **world):
+    config = load_config(CONFIG + ":tiny")
+    config.world.cache_dir = cache_dir
+    for key, value in world.items():
+        config.world[key] = value
+    return config
+
+
+def _cli(workdir, *overrides):
+    command = [sys.executable, "-m", "leapalign_jax.main", "--config", CONFIG + ":tiny",
+               "--workdir", str(workdir), *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_trains_evaluates_and_samples(cache, tmp_path):
+    run = tmp_path / "run"
+    proc = _cli(run, f"--config.world.cache_dir={cache}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("base", "step_000002"):
+        results = json.loads((run / "eval" / name / "results.json").read_text())
+        assert results["num_images"] == 4 and results["num_prompts"] == 2
+        assert results["eval_steps"] == 4 and results["reward_sem"] > 0
+        lines = (run / "eval" / name / "prompts.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["sample"] for r in records] == [0, 1, 0, 1]
+        assert np.isclose(np.mean([r["reward"] for r in records]), results["reward"])
+        assert (run / "eval" / name / records[0]["file"]).is_file()
+    assert "leapalign (step 2)" in (run / "results.md").read_text()
+    assert (run / "images" / "000002.png").is_file()
+    assert (run / "checkpoints" / "2").is_dir()
+
+    proc = _cli(run, f"--config.world.cache_dir={cache}", "--config.task=sample",
+                "--config.sample.prompts=('a red cat', 'a blue square', 'a dog')")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / "000002.png")
+    assert grid.width > 3 * 16 and grid.height > 16  # three captioned, upscaled tiles
+
+
+def test_embed_resumes_and_equals_live_encoding(cache, tmp_path):
+    config = tiny_config(cache)
+    src = flux_world.sources(config.world)
+    train_set, test_set = flux_world.prompt_sets(config.world, src)
+    texts = list(train_set.texts) + list(test_set.texts)
+    keys = [data.prompt_key(t) for t in texts]
+    out = str(tmp_path / "embeddings")
+    mesh = parallel.make_mesh((1, 1, 1))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(number, done):
+        raise Stop
+
+    with pytest.raises(Stop):  # interrupted after its first shard
+        embeddings.embed_prompts(src.checkpoint, texts, keys, out, mesh, max_sequence_length=16,
+                                 shard_size=4, batch_size=4, dtype="float32",
+                                 on_shard=stop_after_first)
+    first = embeddings.open_embeddings(out, src.checkpoint, 16)
+    assert len(first) == 4
+    counts = embeddings.embed_prompts(src.checkpoint, texts, keys, out, mesh,
+                                      max_sequence_length=16, shard_size=4, batch_size=4,
+                                      dtype="float32")
+    assert counts == {"prompts": 14, "skipped": 4, "encoded": 10, "shards": 3}
+    again = embeddings.embed_prompts(src.checkpoint, texts, keys, out, mesh,
+                                     max_sequence_length=16, shard_size=4, batch_size=4)
+    assert again["encoded"] == 0 and again["skipped"] == 14
+
+    store = embeddings.open_embeddings(out, src.checkpoint, 16)
+    stored = store(keys)
+    encoders = embeddings.load_text_encoders(src.checkpoint, mesh, max_sequence_length=16,
+                                             dtype="float32")
+    parts = [encoders(texts[i:i + 4]) for i in range(0, len(texts), 4)]
+    live = {k: np.concatenate([p[k] for p in parts]) for k in ("txt", "y")}
+    assert stored["txt"].shape == (14, 16, 32) and stored["txt"].dtype == live["txt"].dtype
+    # The same bf16 rounding of the same float32 encoder outputs (one bf16 ulp of slack).
+    np.testing.assert_allclose(stored["txt"].astype(np.float32),
+                               live["txt"].astype(np.float32), rtol=2**-7, atol=1e-3)
+    np.testing.assert_allclose(stored["y"], live["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_training_from_embeddings_never_loads_the_text_encoders(cache, embedded, tmp_path,
+                                                                monkeypatch):
+    # A copy of the folder without its text encoders and tokenizers.
+    folder = tmp_path / "flux"
+    shutil.copytree(os.path.join(cache, "flux"), folder)
+    for part in embeddings.ENCODER_PARTS:
+        shutil.rmtree(folder / part)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a text encoder was loaded")
+
+    monkeypatch.setattr(embeddings, "load_text_encoders", refuse)
+    monkeypatch.setattr(flux_world.flux_pipeline, "load_t5", refuse)
+    monkeypatch.setattr(flux_world.flux_pipeline, "load_clip_text", refuse)
+    monkeypatch.setattr(flux_world.flux_pipeline, "load_t5_sharded", refuse)
+    config = tiny_config(cache, checkpoint=str(folder), embeddings=embedded)
+    config.train.steps = 1
+    config.train.image_every = 0
+    world = flux_world.build(config)
+    batch = world.train_batch(0)
+    assert batch["cond"]["txt"].shape == (4, 16, 32)
+    state = train.train_and_evaluate(config, str(tmp_path / "run"), world)
+    assert int(state.step) == 1
+
+
+def test_stale_embeddings_are_a_one_line_error(cache, embedded, tmp_path):
+    longer = tiny_config(cache, embeddings=embedded, max_sequence_length=32)
+    with pytest.raises(embeddings.StaleEmbeddings) as err:
+        flux_world.build(longer)
+    message = str(err.value)
+    assert "\n" not in message and "max_sequence_length 16" in message
+    assert "--config.task=embed" in message
+
+    # Other encoders at the same path: text_encoder_2 of another seed.
+    folder = tmp_path / "flux"
+    shutil.copytree(os.path.join(cache, "flux"), folder)
+    other = tmp_path / "other"
+    flux_folder.write_tiny_flux_folder(other, seed=7)
+    shutil.rmtree(folder / "text_encoder_2")
+    shutil.copytree(other / "text_encoder_2", folder / "text_encoder_2")
+    stale = tiny_config(cache, checkpoint=str(folder), embeddings=embedded)
+    with pytest.raises(embeddings.StaleEmbeddings) as err:
+        flux_world.build(stale)
+    message = str(err.value)
+    assert "\n" not in message and "text_encoder_2" in message
+    assert "--config.task=embed" in message
+
+    missing = tiny_config(cache, embeddings=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--config.task=embed"):
+        flux_world.build(missing)
