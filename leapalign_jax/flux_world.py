@@ -49,7 +49,7 @@ from safetensors.numpy import save_file
 from leapalign_jax import data, embeddings, evaluate, flow, flux_pipeline, parallel
 from leapalign_jax import paths, rewards, sampling
 from leapalign_jax.models import clip as clip_model
-from leapalign_jax.models.flux import abstract_params
+from leapalign_jax.models.flux import Flux, abstract_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.weights import flux_folder
 from leapalign_jax.weights.clip import HF_TEXT_KEYS, HF_VISION_KEYS, plan_from_table
@@ -342,12 +342,17 @@ def build(config: ml_collections.ConfigDict) -> World:
     img_ids = flow.image_ids(latent_hw[0] // 2, latent_hw[1] // 2)
     timesteps = generator.scheduler.num_train_timesteps
 
+    model = Flux(fcfg)
+
     def velocity(params: Params, x: jax.Array, sigma: jax.Array, cond: Any) -> jax.Array:
-        full = {"txt": cond["txt"], "y": cond["y"], "img_ids": img_ids}
-        if fcfg.guidance_embed:
-            full["guidance"] = jnp.full((x.shape[0],), wc.guidance, jnp.float32)
-        return flux_pipeline.velocity(fcfg, params, x, sigma, full,
-                                      num_train_timesteps=timesteps)
+        """The transformer as FluxPipeline calls it: t = sigma * T / 1000, zero text ids,
+        the distilled guidance for models that embed it."""
+        b = x.shape[0]
+        t = sigma.astype(jnp.float32) * (timesteps / 1000.0)
+        guidance = jnp.full((b,), wc.guidance, jnp.float32) if fcfg.guidance_embed else None
+        return model.apply({"params": params}, x, jnp.broadcast_to(img_ids, (b,) + img_ids.shape),
+                           cond["txt"], jnp.zeros((b, cond["txt"].shape[1], 3), jnp.float32),
+                           t, cond["y"], guidance)
 
     def decode(frozen: Params, x: jax.Array) -> jax.Array:
         return flux_pipeline.decode_latents(vcfg, frozen["vae"], x, latent_hw)
