@@ -86,7 +86,8 @@ def latent_size(height: int, width: int, vae_scale_factor: int) -> tuple[int, in
 
 
 def velocity(config: FluxConfig, params: Params, x: jax.Array, sigma: jax.Array,
-             cond: dict[str, jax.Array], *, num_train_timesteps: int = 1000) -> jax.Array:
+             cond: dict[str, jax.Array], *, img_ids: Any,
+             num_train_timesteps: int = 1000) -> jax.Array:
     """The transformer's velocity at noise level sigma, as FluxPipeline calls it.
 
     Args:
@@ -94,12 +95,13 @@ def velocity(config: FluxConfig, params: Params, x: jax.Array, sigma: jax.Array,
       sigma: (B,) noise levels; the transformer sees `sigma * num_train_timesteps / 1000`,
         FluxPipeline's `timestep / 1000` (equal to within one float32 ulp: diffusers
         multiplies by 1000 and divides again).
-      cond: {"txt": (B, S, D) prompt_embeds, "y": (B, P) pooled, "img_ids": (L, 3),
-        "guidance": (B,) (models with guidance_embed only)}.
+      cond: batch-first conditioning {"txt": (B, S, D) prompt_embeds, "y": (B, P) pooled,
+        "guidance": (B,) distilled guidance (models with guidance_embed only)}.
+      img_ids: (L, 3) image token ids of the latent size (`flow.image_ids`).
     """
     b = x.shape[0]
     t = sigma.astype(jnp.float32) * (num_train_timesteps / 1000.0)
-    img_ids = jnp.broadcast_to(cond["img_ids"], (b,) + cond["img_ids"].shape)
+    img_ids = jnp.broadcast_to(jnp.asarray(img_ids, jnp.float32), (b,) + np.shape(img_ids))
     txt_ids = jnp.zeros((b, cond["txt"].shape[1], 3), jnp.float32)
     return Flux(config).apply({"params": params}, x, img_ids, cond["txt"], txt_ids, t,
                               cond["y"], cond.get("guidance"))
@@ -115,10 +117,13 @@ def decode_latents(config: AutoencoderConfig, params: Params, packed: jax.Array,
 
 
 def denoise(config: FluxConfig, params: Params, x0: jax.Array, sigmas: jax.Array,
-            cond: dict[str, jax.Array], *, num_train_timesteps: int = 1000) -> jax.Array:
-    """The Euler ODE from noise `x0` through `sigmas` (T + 1,) to the clean packed latents."""
+            cond: dict[str, jax.Array], img_ids: jax.Array, *,
+            num_train_timesteps: int = 1000) -> jax.Array:
+    """The Euler ODE from noise `x0` through `sigmas` (T + 1,) to the clean packed latents
+    (`velocity`'s arguments; no gradient, see `flow.euler_rollout`)."""
     def step_velocity(p: Params, x: jax.Array, s: jax.Array) -> jax.Array:
-        return velocity(config, p, x, s, cond, num_train_timesteps=num_train_timesteps)
+        return velocity(config, p, x, s, cond, img_ids=img_ids,
+                        num_train_timesteps=num_train_timesteps)
     return flow.sample(step_velocity, params, x0, sigmas)
 
 
@@ -246,25 +251,31 @@ class FluxPipeline:
 
     # ------------------------------------------------------------------ sampling
 
-    def condition(self, prompt_embeds: jax.Array, pooled: jax.Array, height: int, width: int,
-                  guidance: float = 3.5) -> dict[str, jax.Array]:
-        """The `cond` of `velocity` for a batch of prompt embeddings at an image size."""
-        h, w = self.latent_hw(height, width)
-        cond = {"txt": jnp.asarray(prompt_embeds), "y": jnp.asarray(pooled),
-                "img_ids": jnp.asarray(flow.image_ids(h // 2, w // 2))}
+    def condition(self, prompt_embeds: Any, pooled: Any, guidance: float = 3.5
+                  ) -> dict[str, jax.Array]:
+        """The batch-first `cond` of `velocity`: {"txt", "y"}, plus "guidance" (B,) for
+        models with a guidance embedding."""
+        cond = {"txt": jnp.asarray(prompt_embeds), "y": jnp.asarray(pooled)}
         if self.transformer.guidance_embed:
             cond["guidance"] = jnp.full((cond["txt"].shape[0],), guidance, jnp.float32)
         return cond
 
-    def velocity_fn(self) -> Any:
-        """`(params, x, sigma, cond) -> v`, the `pipeline.VelocityFn` of this transformer."""
+    def image_ids(self, height: int, width: int) -> np.ndarray:
+        """(L, 3) image token ids for an image size."""
+        h, w = self.latent_hw(height, width)
+        return flow.image_ids(h // 2, w // 2)
+
+    def velocity_fn(self, height: int, width: int) -> Any:
+        """`(params, x, sigma, cond) -> v` at an image size, the `pipeline.VelocityFn` of
+        this transformer (cond from `condition`)."""
         return functools.partial(velocity, self.transformer,
+                                 img_ids=self.image_ids(height, width),
                                  num_train_timesteps=self.scheduler.num_train_timesteps)
 
     def decode_fn(self, height: int, width: int) -> Any:
-        """`(vae_params, packed) -> images`, the `pipeline.DecodeFn` at an image size."""
-        return functools.partial(decode_latents, self.vae, latent_hw=self.latent_hw(height,
-                                                                                   width))
+        """`(vae_params, packed) -> images` at an image size, the `pipeline.DecodeFn`."""
+        return functools.partial(decode_latents, self.vae,
+                                 latent_hw=self.latent_hw(height, width))
 
     def sigmas(self, num_steps: int, height: int, width: int) -> np.ndarray:
         """FluxPipeline's schedule (T + 1,) for an image size."""
@@ -297,10 +308,11 @@ class FluxPipeline:
             shape = (len(prompts), (hw[0] // 2) * (hw[1] // 2), self.transformer.in_channels)
             latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         self._check_latents(latents, hw, len(prompts))
-        cond = self.condition(prompt_embeds, pooled, height, width, guidance)
+        cond = self.condition(prompt_embeds, pooled, guidance)
         sigmas = self.sigmas(num_steps, height, width)
         x = self._jitted["denoise"](self.params["transformer"],
-                                    jnp.asarray(latents, jnp.float32), sigmas, cond)
+                                    jnp.asarray(latents, jnp.float32), sigmas, cond,
+                                    self.image_ids(height, width))
         return np.asarray(self._jitted["decode"](self.params["vae"], x, latent_hw=hw))
 
 

@@ -124,6 +124,40 @@ def test_sample_matches_diffusers(pipes):
     assert np.abs(a - c).max() > 1e-3
 
 
+def test_pure_pieces_for_the_trainer(pipes):
+    """velocity_fn / decode_fn take the params as arguments: the velocity equals diffusers'
+    transformer as FluxPipeline calls it, decode_fn equals decode, and gradients flow."""
+    from leapalign_jax import flow
+
+    ours, ref = pipes
+    latents = packed_noise(ref, 2, seed=1)
+    embeds, pooled = ours.encode_prompts(PROMPTS[:2], max_sequence_length=SEQ)
+    cond = ours.condition(embeds, pooled, guidance=3.5)
+    velocity, decode = ours.velocity_fn(SIZE, SIZE), ours.decode_fn(SIZE, SIZE)
+    params = ours.params["transformer"]
+    sigma = np.array([0.9, 0.4], np.float32)
+    v = jax.jit(velocity)(params, latents, sigma, cond)
+    side = SIZE // ref.vae_scale_factor // 2
+    with torch.no_grad():
+        expected = ref.transformer(
+            hidden_states=torch.from_numpy(latents), timestep=torch.from_numpy(sigma),
+            guidance=torch.full((2,), 3.5), pooled_projections=torch.tensor(np.asarray(pooled)),
+            encoder_hidden_states=torch.tensor(np.asarray(embeds)),
+            txt_ids=torch.zeros(SEQ, 3),
+            img_ids=ref._prepare_latent_image_ids(2, side, side, "cpu", torch.float32),
+            return_dict=False)[0]
+    assert rel_err(v, expected.numpy()) < 1e-4
+    np.testing.assert_allclose(jax.jit(decode)(ours.params["vae"], latents),
+                               ours.decode(latents, SIZE, SIZE), atol=1e-6)
+
+    def loss(p):
+        return flow.clean_estimate(lambda p, x, s: velocity(p, x, s, cond), p, latents,
+                                   0.5).mean()
+
+    norms = [float(np.linalg.norm(g)) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params))]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+
+
 def test_schnell_like_sample_matches_diffusers(tmp_path):
     """No guidance embedding and a constant-shift schedule (FLUX.1-schnell's layout)."""
     folder = str(tmp_path / "schnell")
