@@ -47,7 +47,7 @@ from leapalign_jax.weights.autoencoder import flax_to_diffusers
 from leapalign_jax.weights.clip import HF_TEXT_KEYS, plan_from_table
 from leapalign_jax.weights.files import Tensors, float_dtype, read_json
 from leapalign_jax.weights.flux import save_flux_diffusers
-from leapalign_jax.weights.t5 import _torch_keys as t5_torch_keys
+from leapalign_jax.weights.t5 import torch_keys as t5_torch_keys
 
 Params = dict[str, Any]
 T = TypeVar("T")

@@ -45,7 +45,7 @@ _HINT = ("pass a transformers T5 encoder folder (FLUX.1's text_encoder_2/) whose
 # ----------------------------------------------------------------------------- naming
 
 
-def _torch_keys(config: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
+def torch_keys(config: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
     """Flax leaf path -> (torch key, whether the tensor is a Linear weight to transpose)."""
     keys: dict[tuple[str, ...], tuple[str, bool]] = {
         ("shared", "embedding"): (_EMBED, False),
@@ -175,7 +175,7 @@ def t5_readers(tensors: Tensors, config: T5Config, *, source: str = "T5 checkpoi
                  f"gated {config.is_gated_act})", _HINT)
 
     readers: Readers = {}
-    for path, (key, transpose) in _torch_keys(config).items():
+    for path, (key, transpose) in torch_keys(config).items():
         key = embed if key == _EMBED else key
         readers[path] = ((lambda key=key: tensors.read(key).T) if transpose
                          else (lambda key=key: tensors.read(key)))
