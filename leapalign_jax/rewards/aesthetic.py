@@ -6,8 +6,8 @@ The OpenAI CLIP ViT-L/14 image embedding, L2-normalised, goes through a purely l
     -> Dropout -> Linear(64, 16) -> Linear(16, 1)
 
 (no activations; dropout is the identity at inference). The head is a torch pickle of
-that module's state dict (keys `layers.{0,2,4,6,7}.weight|bias`), read without torch; the
-widths come from its shapes. The backbone is a transformers CLIP folder: a full
+that module's state dict (keys `layers.{0,2,4,6,7}.weight|bias`), read without torch, or a
+`.safetensors` file with the same keys; the widths come from its shapes. The backbone is a transformers CLIP folder: a full
 `CLIPModel` (openai/clip-vit-large-patch14, of which only the vision tower is read) or a
 `CLIPVisionModelWithProjection`. Images are preprocessed as OpenAI CLIP's transform does
 (shorter side 224, bicubic with antialiasing, torchvision centre crop, CLIP
@@ -16,6 +16,7 @@ normalisation). The score is the predicted rating (about 1-10); prompts are igno
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from leapalign_jax.rewards.base import (Params, Reward, image_embedder, load_cli
                                         to_device, with_compute)
 from leapalign_jax.weights.clip import load_clip_vision
 from leapalign_jax.weights.files import cast, check_shapes, read_json
-from leapalign_jax.weights.torch_pickle import TorchTensors
+from leapalign_jax.rewards.hpsv21 import open_state_dict
 
 NAME = "aesthetic"
 CROP = "round"  # torchvision CenterCrop in OpenAI CLIP's transform
@@ -57,17 +58,19 @@ class AestheticHead(nn.Module):
 
 
 def load_head(file: str | os.PathLike) -> tuple[int, tuple[int, ...], Params]:
-    """The head's torch state dict -> (input width, layer widths, Flax params).
+    """The head's state dict (torch pickle or `.safetensors`) -> (input width, layer widths,
+    Flax params).
 
     Keys may carry the `layers.` prefix (the LAION module) or not (a bare Sequential).
     """
     file = os.fspath(file)
-    with TorchTensors(file) as tensors:
+    with contextlib.ExitStack() as stack:
+        tensors = open_state_dict(file, stack)
         prefix = "layers." if "layers.0.weight" in tensors else ""
         first = tensors.shapes.get(f"{prefix}0.weight")
         if first is None or len(first) != 2:
-            raise ValueError(f"{file}: no layers.0.weight matrix (found {tensors.keys()[:4]}"
-                             f"...); {_HINT}")
+            raise ValueError(f"{file}: no layers.0.weight matrix (found "
+                             f"{sorted(tensors.shapes)[:4]}...); {_HINT}")
         expected, widths, width_in = {}, [], first[1]
         for index in LAYERS:
             shape = tensors.shapes.get(f"{prefix}{index}.weight", (None, None))
@@ -78,7 +81,7 @@ def load_head(file: str | os.PathLike) -> tuple[int, tuple[int, ...], Params]:
         if widths[-1] is not None:
             expected[f"{prefix}{LAYERS[-1]}.weight"] = (1, widths[-2])
             expected[f"{prefix}{LAYERS[-1]}.bias"] = (1,)
-        found = {k: tensors.shapes[k] for k in tensors.keys()}
+        found = dict(tensors.shapes)
         check_shapes(file, found, expected, "the LAION aesthetic MLP (5 Linear layers, one "
                      "output)", _HINT)
         params = {f"layers_{i}": {"kernel": cast(tensors.read(f"{prefix}{i}.weight"),
@@ -108,7 +111,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[CLIPVisionConfig, Params]:
 
 def load(path: str | os.PathLike, *, backbone: str | os.PathLike | None = None,
          tokenizer: Any = None, dtype: str = "float32", remat: str = "none") -> Reward:
-    """The aesthetic reward: `path` is the head (.pth), `backbone` the CLIP ViT-L/14 folder.
+    """The aesthetic reward: `path` is the head (.pth or .safetensors), `backbone` the CLIP ViT-L/14 folder.
 
     `tokenizer` is accepted and ignored (the score does not read prompts); text features
     are (B, 0) arrays so the reward combines with text-conditioned ones.

@@ -1,7 +1,9 @@
 """HPSv2.1: OpenCLIP ViT-H-14 fine-tuned on human preferences (`HPS_v2.1_compressed.pt`).
 
 The checkpoint is a torch pickle `{"state_dict": {...}}` in OpenCLIP's layout (possibly
-fp16), read without torch by `leapalign_jax.weights.torch_pickle`. Its keys are mapped onto
+fp16), read without torch by `leapalign_jax.weights.torch_pickle`, or a `.safetensors` file
+holding the same keys (a converted checkpoint, or the tiny ones of
+`leapalign_jax.weights.tiny_judges`). Its keys are mapped onto
 the Flax CLIP towers of `leapalign_jax.models.clip` (HF layout):
 
 - `[visual.]transformer.resblocks.{i}.attn.in_proj_weight` / `in_proj_bias` (q, k, v
@@ -28,6 +30,7 @@ no logit scale. Images go through OpenCLIP's validation transform: shorter side 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -40,7 +43,7 @@ from leapalign_jax.rewards.base import (Reward, cosine_scorer, load_tokenizer, t
                                         to_device, with_compute)
 from leapalign_jax.weights.clip import (LAYOUTS, Layout, Plan, Table, expected_shapes,
                                         plan_from_table, table_readers)
-from leapalign_jax.weights.files import check_shapes, materialize
+from leapalign_jax.weights.files import Tensors, check_shapes, materialize
 from leapalign_jax.weights.torch_pickle import TorchTensors
 
 Params = dict[str, Any]
@@ -171,19 +174,27 @@ def openclip_plan(config: CLIPConfig) -> dict[tuple[str, ...], Plan]:
     return plan
 
 
+def open_state_dict(file: str, stack: contextlib.ExitStack) -> Tensors | TorchTensors:
+    """The tensors of a `.safetensors` file, or else of a `torch.save` file (no torch)."""
+    if file.endswith(".safetensors"):
+        return Tensors([file], stack)
+    return stack.enter_context(TorchTensors(file))
+
+
 def load_openclip(file: str | os.PathLike, *, dtype: Any = np.float32, text_heads: int = 16,
                   vision_heads: int = 16,
                   hidden_act: str = "gelu") -> tuple[CLIPConfig, Params]:
-    """An OpenCLIP ViT torch checkpoint as `(CLIPConfig, CLIPModel params)` (the tree of
-    `leapalign_jax.weights.clip.load_clip`).
+    """An OpenCLIP ViT checkpoint (torch pickle, or `.safetensors` with the same keys) as
+    `(CLIPConfig, CLIPModel params)` (the tree of `leapalign_jax.weights.clip.load_clip`).
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not a torch.save file, not an OpenCLIP ViT state dict, or missing /
-        mis-shaped tensors (one message; its first line names the file and the fix).
+      ValueError: not a torch.save / safetensors file, not an OpenCLIP ViT state dict, or
+        missing / mis-shaped tensors (one message; its first line names the file and the fix).
     """
     file = os.fspath(file)
-    with TorchTensors(file) as tensors:
+    with contextlib.ExitStack() as stack:
+        tensors = open_state_dict(file, stack)
         config = openclip_config(tensors.shapes, file, text_heads=text_heads,
                                  vision_heads=vision_heads, hidden_act=hidden_act)
         plan = openclip_plan(config)
@@ -201,7 +212,8 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
     """The HPSv2.1 reward from `HPS_v2.1_compressed.pt`.
 
     Args:
-      path: the torch checkpoint (`{"state_dict": ...}` in OpenCLIP's layout).
+      path: the torch checkpoint (`{"state_dict": ...}` in OpenCLIP's layout), or a
+        `.safetensors` file with the same keys.
       tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); OpenCLIP's BPE is
         OpenAI's, so FLUX.1's `tokenizer/` or openai/clip-vit-large-patch14 serve.
       dtype: compute dtype of the towers, "float32" or "bfloat16" (params stay float32).
