@@ -115,25 +115,25 @@ def restore_params(workdir: str, like: Any, shardings: Any, field: str = "ema_pa
     warning). `like`/`shardings` describe the params tree.
     """
     path = paths.join(workdir, CHECKPOINTS)
-    if not paths.isdir(path):
+    if not paths.agree(paths.isdir(path)):
         return None
     mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         create=False, read_only=True))
     try:
         for step in sorted(mngr.all_steps(), reverse=True):
-            try:
-                restored = mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item={field: _abstract(like, shardings)},
-                        restore_args={field: jax.tree.map(
-                            lambda x, s: ocp.ArrayRestoreArgs(
-                                sharding=s, global_shape=x.shape, dtype=x.dtype),
-                            like, shardings)},
-                        partial_restore=True)))
+            restored, error = _agreed_try(lambda: mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={field: _abstract(like, shardings)},
+                    restore_args={field: jax.tree.map(
+                        lambda x, s: ocp.ArrayRestoreArgs(
+                            sharding=s, global_shape=x.shape, dtype=x.dtype),
+                        like, shardings)},
+                    partial_restore=True))))
+            if error is None:
                 return restored.state[field], int(step)
-            except Exception as e:  # noqa: BLE001 - skip, but never move, for inference
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying an older one",
-                                step, path, str(e).splitlines()[0][:200])
+            # Skipped, never moved, for inference.
+            logging.warning("checkpoint %d in %s is unreadable (%s); trying an older one",
+                            step, path, str(error).splitlines()[0][:200])
     finally:
         mngr.close()
     return None

@@ -8,10 +8,12 @@ configs/random_flux.py:VARIANT in WORKDIR through `main.setup_logging` and `task
 (what `python -m leapalign_jax.main` runs). A hook records, for each step, the global
 prompt ids this process saw (gathered from every host) and the rows it read itself, and
 after step s touches MARKERS/<process>-<s> and sleeps SLEEP seconds, so the test can signal
-a host at a known point. The last line on stdout is a JSON record; on SIGTERM the record is
+a host at a known point. WORKER_EVALUATE=0 in the environment skips the world's
+evaluation (fewer compilations where a test does not look at it). The last line on stdout is a JSON record; on SIGTERM the record is
 printed and the exit status (42) kept.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,11 +27,15 @@ HEARTBEAT_S = 10
 
 
 def initialize() -> None:
-    """`multihost.initialize` with a short heartbeat timeout."""
+    """`multihost.initialize` with a short heartbeat timeout and no compilation cache."""
     import jax
 
     sys.excepthook = multihost._exit_on_error
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Gloo gives processes 30 s to meet at a new collective. The persistent compilation
+    # cache holds process 0's executables only, so a rerun would find process 0's cached
+    # and compile process 1's: off, both compile alike.
+    jax.config.update("jax_enable_compilation_cache", False)
     coordinator, count, index = (os.environ[k] for k in multihost._ENV)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(count),
                                process_id=int(index), initialization_timeout=60,
@@ -85,8 +91,11 @@ def run(workdir: str, markers: str, sleep: float, variant: str, overrides: list[
     build = tasks.build_world
 
     def build_and_keep(cfg):
-        world_batches["world"] = build(cfg)
-        return world_batches["world"]
+        world = build(cfg)
+        if os.environ.get("WORKER_EVALUATE", "1") == "0":  # skip the before/after evaluation
+            world = dataclasses.replace(world, evaluate=None)
+        world_batches["world"] = world
+        return world
 
     tasks.build_world = build_and_keep
     paths.makedirs(workdir)

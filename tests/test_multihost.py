@@ -143,7 +143,9 @@ def test_each_host_reads_its_rows_and_one_writes_the_evaluation(straight):
     assert (workdir / "log.txt").exists() and (workdir / "log-1.txt").exists()
 
 
-def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_bitwise(straight, tmp_path):
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_bitwise(straight, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("WORKER_EVALUATE", "0")
     workdir, markers = tmp_path / "run", tmp_path / "markers"
     procs = start_job(workdir, markers, 1.0, *COMMON, "--config.train.checkpoint_every=100")
     wait_for(markers / "1-2", procs)
@@ -159,10 +161,12 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_bitwise(straight
     assert min(map(int, again[0]["steps"])) == saved[0] + 1  # resumed, no step repeated
     params, step = final_params(workdir)
     assert step == STEPS
-    assert_same(params, straight[2])
+    assert_same(params, straight[2][0])
 
 
-def test_killed_host_fails_the_other_and_the_rerun_resumes_bitwise(straight, tmp_path):
+def test_killed_host_fails_the_other_and_the_rerun_resumes_bitwise(straight, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("WORKER_EVALUATE", "0")
     workdir, markers = tmp_path / "run", tmp_path / "markers"
     procs = start_job(workdir, markers, 1.0, *COMMON, "--config.train.checkpoint_every=1")
     wait_for(markers / "1-3", procs)
@@ -177,4 +181,4 @@ def test_killed_host_fails_the_other_and_the_rerun_resumes_bitwise(straight, tmp
     run_job(str(workdir), str(markers), *COMMON, "--config.train.checkpoint_every=1")
     params, step = final_params(workdir)
     assert step == STEPS
-    assert_same(params, straight[2])
+    assert_same(params, straight[2][0])
