@@ -18,21 +18,52 @@ Samples of the latest EMA params for prompts of your own:
     python -m leapalign_jax.main --config configs/flux_dev.py --workdir runs/dev \
         --config.task=sample --config.sample.prompt_file=my_prompts.txt ...
 
-The variant after ':' is a comma-separated list: a method name picks another method on the
-same world and budget (`configs/flux_dev.py:refl`); "tiny" writes a tiny random FLUX.1
-folder, CLIP reward and prompts into `world.cache_dir` and runs everything through the real
-loaders on CPU in about a minute (`configs/flux_dev.py:tiny`).
+The paper's two main runs train on one judge and report all four (HPSv2.1, PickScore, CLIP
+score, aesthetic; mean and standard error over 4 images per held-out prompt, 50 steps):
+
+    python -m leapalign_jax.main --config configs/flux_dev.py:hpsv21 --workdir runs/hps \
+        --config.world.checkpoint=/data/FLUX.1-dev --config.world.prompt_file=/data/hpdv2 \
+        --config.world.judges.hpsv21.checkpoint=/data/HPS_v2.1_compressed.pt \
+        --config.world.judges.hpsv21.tokenizer=/data/FLUX.1-dev/tokenizer \
+        --config.world.judges.pickscore.checkpoint=/data/PickScore_v1 \
+        --config.world.judges.pickscore.tokenizer=/data/CLIP-ViT-H-14-laion2B-s32B-b79K \
+        --config.world.judges.clip_score.checkpoint=/data/clip-vit-large-patch14 \
+        --config.world.judges.aesthetic.checkpoint=/data/sac+logos+ava1-l14-linearMSE.pth \
+        --config.world.judges.aesthetic.backbone=/data/clip-vit-large-patch14
+
+(`:pickscore` likewise). `task=evaluate` scores the newest checkpoint (or the base model)
+with the same judges; `task=train` writes the before/after table (results.md).
+
+The variant after ':' is a comma-separated list:
+- a method name picks another method on the same world and budget (`:refl`);
+- "hpsv21": train on HPSv2.1 with alpha 0.3 and hinge 0.55 (the paper's main run);
+- "pickscore": train on PickScore with alpha 0.1 and hinge 0.4;
+- "tiny": a tiny random FLUX.1 folder, a tiny checkpoint of every judge and prompts written
+  into `world.cache_dir` (no torch), everything through the real loaders on CPU in about a
+  minute; combines with the others (`configs/flux_dev.py:hpsv21,tiny`).
 """
 
 import ml_collections
 
 from leapalign_jax.config_lib import base_config
-from leapalign_jax.flux_world import flux_config
+from leapalign_jax.flux_world import PAPER_JUDGES, flux_config
+
+# The paper's runs: training judge, method knobs and the judges every table reports.
+# PickScore's own score is exp(logit_scale) * cosine = 100 * cosine (about 22.8 for FLUX.1-
+# dev); the 0.4 hinge is on the cosine scale (as HPSv2.1's 0.55), so the training reward is
+# PickScore weighted by 0.01; the evaluation reports PickScore's own number.
+RUNS = {
+    "hpsv21": {"reward": "hpsv21", "alpha": 0.3, "hinge_lambda": 0.55},
+    "pickscore": {"reward": "pickscore:0.01", "alpha": 0.1, "hinge_lambda": 0.4},
+}
 
 
 def get_config(variant: str | None = None):
     parts = [p for p in (variant or "").split(",") if p]
-    methods = [p for p in parts if p != "tiny"]
+    runs = [p for p in parts if p in RUNS]
+    methods = [p for p in parts if p != "tiny" and p not in RUNS]
+    if len(runs) > 1:
+        raise ValueError(f"configs/flux_dev.py:{variant}: pick one of {sorted(RUNS)}")
     config = base_config(methods[0] if methods else "leapalign")
     config.world = flux_config()
     # Paper (FLUX.1-dev, HPSv2.1): alpha 0.3, lambda 0.55, tau 0.1 are the method defaults.
@@ -51,10 +82,23 @@ def get_config(variant: str | None = None):
     config.sample = ml_collections.ConfigDict()
     config.sample.prompts = ml_collections.config_dict.placeholder(tuple)
     config.sample.prompt_file = ""
-    return tiny(config) if "tiny" in parts else config
+    if runs:
+        paper_run(config, **RUNS[runs[0]])
+    return tiny(config, keep_hinge=bool(runs)) if "tiny" in parts else config
 
 
-def tiny(config):
+def paper_run(config, reward: str, alpha: float, hinge_lambda: float):
+    """Train on `reward` with the paper's knobs (those the method has), report every judge."""
+    config.world.reward = reward
+    config.world.eval_rewards = ",".join(PAPER_JUDGES)
+    if "alpha" in config.method:
+        config.method.alpha = alpha
+    if "hinge_lambda" in config.method:
+        config.method.hinge_lambda = hinge_lambda
+    return config
+
+
+def tiny(config, keep_hinge: bool = False):
     """A CPU smoke run through every real loader: tiny random folders, tiny images."""
     w = config.world
     w.tiny = True
@@ -70,7 +114,8 @@ def tiny(config):
     w.num_grid_prompts = 4
     w.embed_batch_size = 4
     w.embed_shard_size = 4
-    config.method.hinge_lambda = 1.0
+    if not keep_hinge and "hinge_lambda" in config.method:
+        config.method.hinge_lambda = 1.0  # the clip_score cosine of random models is small
     config.optim.learning_rate = 1e-3
     config.optim.ema_decay = 0.9
     config.train.steps = 2
