@@ -127,9 +127,9 @@ def flux_config() -> ml_collections.ConfigDict:
     for name in JUDGES:
         c.judges[name] = ml_collections.ConfigDict(
             {"checkpoint": "", "tokenizer": "", "backbone": ""})
-    # Evaluation judges, each reported with its mean and standard error: a list or a
-    # comma-separated string of judge names (the paper: "hpsv21,pickscore,clip_score,
-    # aesthetic"); "" = the judges of the training reward. The training reward itself is
+    # Evaluation judges, each reported with its mean and standard error: a comma-separated
+    # string of judge names (the paper: "hpsv21,pickscore,clip_score,aesthetic"); "" = the
+    # judges of the training reward. The training reward itself is
     # always reported too, as `reward`.
     c.eval_rewards = ""
     c.eval_dtype = "float32"  # compute and param dtype of the evaluation judges

@@ -1,7 +1,10 @@
 """The "flux" world on tiny random FLUX.1 folders (configs/flux_dev.py:tiny).
 
-- The CLI trains, evaluates (before/after, with the reward's standard error) and samples
-  through every real loader.
+- The CLI trains the paper's HPSv2.1 run (`:hpsv21,tiny`), evaluates the base and the
+  aligned model with all four judges (each one's mean and standard error, every score per
+  image) and samples through every real loader; the tiny cache is written without torch.
+- The paper-run variants set their knobs; a weighted training reward is the weighted sum
+  of its judges; a judge without a checkpoint is a one-line error naming the knob.
 - `task=embed` writes resumable embeddings equal to live encoding; training from them runs
   with the text encoders removed from the folder and their loader disabled.
 - A stale embeddings cache (another sequence length, other encoders) is a one-line error
@@ -14,10 +17,12 @@ import shutil
 import subprocess
 import sys
 
+import jax
+
 import numpy as np
 import pytest
 
-from leapalign_jax import data, embeddings, flux_world, parallel, train
+from leapalign_jax import data, embeddings, flux_world, parallel, rewards, train
 from leapalign_jax.config_lib import load_config
 from leapalign_jax.weights import flux_folder
 
@@ -30,7 +35,9 @@ def cache(tmp_path_factory):
     """The tiny folders, written once for the module (as the :tiny variant does)."""
     root = str(tmp_path_factory.mktemp("flux_tiny"))
     config = tiny_config(root)
-    flux_world.sources(config.world)
+    with pytest.MonkeyPatch.context() as patch:  # torch is test-only: the writers never use it
+        patch.setitem(sys.modules, "torch", None)
+        flux_world.sources(config.world)
     return root
 
 
@@ -44,16 +51,16 @@ def embedded(cache, tmp_path_factory):
     return str(workdir)
 
 
-def tiny_config(cache_dir: str, **world):
-    config = load_config(CONFIG + ":tiny")
+def tiny_config(cache_dir: str, variant: str = "tiny", **world):
+    config = load_config(f"{CONFIG}:{variant}")
     config.world.cache_dir = cache_dir
     for key, value in world.items():
         config.world[key] = value
     return config
 
 
-def _cli(workdir, *overrides):
-    command = [sys.executable, "-m", "leapalign_jax.main", "--config", CONFIG + ":tiny",
+def _cli(workdir, *overrides, variant="tiny"):
+    command = [sys.executable, "-m", "leapalign_jax.main", "--config", f"{CONFIG}:{variant}",
                "--workdir", str(workdir), *overrides]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -61,28 +68,94 @@ def _cli(workdir, *overrides):
 
 def test_cli_trains_evaluates_and_samples(cache, tmp_path):
     run = tmp_path / "run"
-    proc = _cli(run, f"--config.world.cache_dir={cache}")
+    proc = _cli(run, f"--config.world.cache_dir={cache}", variant="hpsv21,tiny")
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("base", "step_000002"):
         results = json.loads((run / "eval" / name / "results.json").read_text())
         assert results["num_images"] == 4 and results["num_prompts"] == 2
-        assert results["eval_steps"] == 4 and results["reward_sem"] > 0
+        assert results["eval_steps"] == 4 and results["reward_name"] == "hpsv21"
+        assert sorted(results["judges"]) == sorted(flux_world.PAPER_JUDGES)
         lines = (run / "eval" / name / "prompts.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert [r["sample"] for r in records] == [0, 1, 0, 1]
-        assert np.isclose(np.mean([r["reward"] for r in records]), results["reward"])
         assert (run / "eval" / name / records[0]["file"]).is_file()
-    assert "leapalign (step 2)" in (run / "results.md").read_text()
+        for judge in ("reward",) + flux_world.PAPER_JUDGES:
+            scores = np.asarray([r[judge] for r in records])
+            sem = np.std(scores, ddof=1) / 2.0  # 4 images
+            assert np.isclose(results[judge], scores.mean()), judge
+            assert np.isclose(results[f"{judge}_sem"], sem) and sem > 0, judge
+        assert np.isclose(results["judges"]["hpsv21"]["sem"], results["hpsv21_sem"])
+        # The training reward (bf16 params) is the hpsv21 judge (float32) up to rounding.
+        assert abs(results["reward"] - results["hpsv21"]) < 0.02
+    table = (run / "results.md").read_text().splitlines()
+    assert "leapalign (step 2)" in table[3]
+    for judge in flux_world.PAPER_JUDGES:  # one column each, filled in for both rows
+        column = table[0].split(" | ").index(judge)
+        assert all(row.split(" | ")[column].strip() for row in table[2:4])
     assert (run / "images" / "000002.png").is_file()
     assert (run / "checkpoints" / "2").is_dir()
 
     proc = _cli(run, f"--config.world.cache_dir={cache}", "--config.task=sample",
-                "--config.sample.prompts=('a red cat', 'a blue square', 'a dog')")
+                "--config.sample.prompts=('a red cat', 'a blue square', 'a dog')",
+                variant="hpsv21,tiny")
     assert proc.returncode == 0, proc.stderr[-4000:]
     from PIL import Image
 
     grid = Image.open(run / "samples" / "000002.png")
     assert grid.width > 3 * 16 and grid.height > 16  # three captioned, upscaled tiles
+
+
+def test_paper_run_variants():
+    hps, pick = load_config(CONFIG + ":hpsv21"), load_config(CONFIG + ":pickscore,tiny")
+    assert (hps.world.reward, hps.method.alpha, hps.method.hinge_lambda) == ("hpsv21", 0.3, 0.55)
+    assert (pick.world.reward, pick.method.alpha, pick.method.hinge_lambda) == (
+        "pickscore:0.01", 0.1, 0.4)
+    assert pick.world.tiny and pick.world.height == 16
+    for config in (hps, pick):
+        assert flux_world.eval_judges(config.world) == list(flux_world.PAPER_JUDGES)
+    refl = load_config(CONFIG + ":refl,pickscore")  # a method without alpha
+    assert refl.method.name == "refl" and refl.method.hinge_lambda == 0.4
+    assert flux_world.eval_judges(load_config(CONFIG).world) == ["clip_score"]
+    with pytest.raises(ValueError, match="pick one of"):
+        load_config(CONFIG + ":hpsv21,pickscore")
+
+
+def test_weighted_reward_is_the_sum_of_its_judges(cache):
+    config = tiny_config(cache, reward="hpsv21:1.0,pickscore:0.05", frozen_dtype="float32")
+    config.task = "sample"  # no evaluation judges are checked or loaded
+    world = flux_world.build(config)
+    assert world.fingerprint["reward"]["weights"] == {"hpsv21": 1.0, "pickscore": 0.05}
+    batch = world.train_batch(0)
+    images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    total = world.pipe.reward(world.frozen, images, batch)
+    src = flux_world.sources(config.world)
+    prompts = flux_world.prompt_sets(config.world, src)[0].lookup(batch["prompt_id"])
+    terms = {name: np.asarray(rewards.load_reward(name, src.judges[name]["checkpoint"],
+                                                  **({"tokenizer": src.judges[name]["tokenizer"]}
+                                                     if name == "hpsv21" else {}))(images, prompts))
+             for name in ("hpsv21", "pickscore")}
+    np.testing.assert_allclose(total, terms["hpsv21"] + 0.05 * terms["pickscore"], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_judge_configuration_errors(cache, tmp_path):
+    missing = tiny_config(cache, eval_rewards="hpsv21,pickscore")
+    missing.world.judges.pickscore.checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="judges.pickscore.checkpoint") as err:
+        flux_world.build(missing)
+    assert "\n" not in str(err.value)
+    empty = tiny_config(cache, tiny=False, checkpoint=os.path.join(cache, "flux"),
+                        prompt_file=os.path.join(cache, "prompts"), eval_rewards="aesthetic")
+    with pytest.raises(ValueError, match="config.world.reward_checkpoint"):
+        flux_world.build(empty)  # the training clip_score judge first
+    empty.world.reward_checkpoint = os.path.join(cache, "clip")
+    with pytest.raises(ValueError, match="config.world.judges.aesthetic.checkpoint is empty"):
+        flux_world.build(empty)
+    with pytest.raises(ValueError, match="judges.<name>.checkpoint for each"):
+        flux_world.sources(tiny_config(cache, reward="hpsv21,pickscore",
+                                       reward_checkpoint="x.pt").world)
+    with pytest.raises(ValueError, match="unknown judge 'imagereward'"):
+        flux_world.eval_judges(tiny_config(cache, eval_rewards="hpsv21,imagereward").world)
 
 
 def test_embed_resumes_and_equals_live_encoding(cache, tmp_path):
