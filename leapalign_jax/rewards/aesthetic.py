@@ -7,11 +7,11 @@ The OpenAI CLIP ViT-L/14 image embedding, L2-normalised, goes through a purely l
 
 (no activations; dropout is the identity at inference). The head is a torch pickle of
 that module's state dict (keys `layers.{0,2,4,6,7}.weight|bias`), read without torch, or a
-`.safetensors` file with the same keys; the widths come from its shapes. The backbone is a transformers CLIP folder: a full
-`CLIPModel` (openai/clip-vit-large-patch14, of which only the vision tower is read) or a
-`CLIPVisionModelWithProjection`. Images are preprocessed as OpenAI CLIP's transform does
-(shorter side 224, bicubic with antialiasing, torchvision centre crop, CLIP
-normalisation). The score is the predicted rating (about 1-10); prompts are ignored.
+`.safetensors` file with the same keys; the widths come from its shapes. The backbone is a
+transformers CLIP folder: a full `CLIPModel` (openai/clip-vit-large-patch14, of which only
+the vision tower is read) or a `CLIPVisionModelWithProjection`. Images are preprocessed as
+OpenAI CLIP's transform does (shorter side 224, bicubic with antialiasing, torchvision
+centre crop, CLIP normalisation). The score is the predicted rating (about 1-10); prompts are ignored.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def load_backbone(path: str | os.PathLike) -> tuple[CLIPVisionConfig, Params]:
 
 def load(path: str | os.PathLike, *, backbone: str | os.PathLike | None = None,
          tokenizer: Any = None, dtype: str = "float32", remat: str = "none") -> Reward:
-    """The aesthetic reward: `path` is the head (.pth or .safetensors), `backbone` the CLIP ViT-L/14 folder.
+    """The aesthetic reward: `path` is the head (.pth or .safetensors), `backbone` the CLIP
+    ViT-L/14 folder.
 
     `tokenizer` is accepted and ignored (the score does not read prompts); text features
     are (B, 0) arrays so the reward combines with text-conditioned ones.
