@@ -11,7 +11,8 @@ that module's state dict (keys `layers.{0,2,4,6,7}.weight|bias`), read without t
 transformers CLIP folder: a full `CLIPModel` (openai/clip-vit-large-patch14, of which only
 the vision tower is read) or a `CLIPVisionModelWithProjection`. Images are preprocessed as
 OpenAI CLIP's transform does (shorter side 224, bicubic with antialiasing, torchvision
-centre crop, CLIP normalisation). The score is the predicted rating (about 1-10); prompts are ignored.
+centre crop, CLIP normalisation). The score is the predicted rating (about 1-10); prompts
+are ignored.
 """
 
 from __future__ import annotations
