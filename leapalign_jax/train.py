@@ -8,9 +8,12 @@ without wrapping the loop.
 Multi-host: every process runs this loop. Each reads only its rows of the step's global
 batch (`data.process_rows` of the batch sharding) and `data.global_batch` assembles the
 global arrays. A SIGTERM reaches one host at a time, so the stop flag is agreed every step
-(`paths.any_process`): all hosts save the same step and exit together. Process 0 writes
-TensorBoard, image grids and the progress bar; clu's `ReportProgress` (steps/s, ETA) and
-an optional `Profile` run there too.
+(`paths.any_process`): all hosts save the same step and exit with PREEMPTED_EXIT_CODE.
+A host that dies outright (SIGKILL, a lost VM) cannot be agreed with: the others stop at
+their next collective when JAX's coordination service misses its heartbeat (an error
+exit, not a hang), and the rerun resumes from the last checkpoint all hosts finished
+(tests/test_multihost.py). Process 0 writes TensorBoard, image grids and the progress
+bar; clu's `ReportProgress` (steps/s, ETA) and an optional `Profile` run there too.
 """
 
 from __future__ import annotations
