@@ -172,9 +172,10 @@ def file_identity(path: str) -> dict[str, Any]:
     """A cheap identity of a weights file or folder for run fingerprints: the byte size
     and a sha256 of the first and last MiB of every file (the safetensors header and the
     tail of the data), so a different checkpoint at the same path is noticed."""
-    root = paths.path(path)
-    files = [root] if not root.is_dir() else sorted(
-        (p for p in root.rglob("*") if not p.is_dir()), key=str)
+    def walk(p):  # epath refuses recursive globs (they could be thousands of GCS calls)
+        return [f for c in sorted(p.iterdir(), key=str) for f in walk(c)] if p.is_dir() else [p]
+
+    files = walk(paths.path(path))
     digest, size = hashlib.sha256(), 0
     for file in files:
         n = file.stat().length

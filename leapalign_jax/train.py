@@ -207,10 +207,20 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _frozen_with_reference(config, world: World, mesh, shardings: Any) -> tuple[Any, Any]:
-    """The frozen tree (replicated) plus, when the method asks for it, the initial params
-    as `frozen["reference"]`, sharded like the params."""
-    frozen = jax.device_put(world.frozen, parallel.replicated(mesh))
-    frozen_sh = jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
+    """The frozen tree plus, when the method asks for it, the initial params as
+    `frozen["reference"]`, sharded like the params.
+
+    Frozen arrays a world already placed on this mesh (a streamed VAE or T5) keep their
+    shards; everything else is replicated.
+    """
+    def placement(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return sharding
+        return parallel.replicated(mesh)
+
+    frozen_sh = jax.tree.map(placement, world.frozen)
+    frozen = jax.device_put(world.frozen, frozen_sh)
     if methods.needs_reference(config.method):
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
         frozen = dict(frozen, reference=copy(world.params))

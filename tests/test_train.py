@@ -81,6 +81,12 @@ def test_weights_file_identity_changes_with_content(tmp_path):
     first = checkpoint.file_identity(str(path))
     path.write_bytes(b"b" * 100)
     assert checkpoint.file_identity(str(path)) != first
+    folder = tmp_path / "folder" / "transformer"  # a diffusers folder: files at any depth
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    whole = checkpoint.file_identity(str(tmp_path / "folder"))
+    (folder / "config.json").write_text("[]")
+    assert checkpoint.file_identity(str(tmp_path / "folder")) != whole
 
 
 def test_inference_restore_reads_ema_params_and_moves_nothing(tmp_path):
@@ -193,6 +199,8 @@ def test_main_trains_then_samples_and_rejects_bad_input(tmp_path):
     sample = run_main(*common, "--config.task=sample")
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert os.path.exists(os.path.join(workdir, "samples", "000002.png"))
+    singles = sorted(os.listdir(os.path.join(workdir, "samples", "000002")))
+    assert singles and singles[0] == "000.png"
 
     bad = run_main(*common, "--config.method.alpha=2.0")
     assert bad.returncode != 0
