@@ -38,6 +38,7 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str, verbose: bool = False) -> None:
     """Validates `config` and runs `config.task` in `workdir`."""
+    console_level(verbose)  # before jax starts its backends, which log at INFO
     import jax
 
     from leapalign_jax import config_lib, parallel, paths, tasks
@@ -116,14 +117,18 @@ def setup_logging(log_file: str, verbose: bool = False) -> logging.Handler:
         "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
+    console_level(verbose)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
-    console_level = logging.INFO if verbose else logging.WARNING
-    for other in root.handlers:
-        if other is not handler:
-            other.setLevel(console_level)
     return handler
+
+
+def console_level(verbose: bool) -> None:
+    """The console handlers (absl's on stderr) show warnings only, unless `verbose`."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, (logging.FileHandler, _BucketLogHandler)):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv) -> None:
