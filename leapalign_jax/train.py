@@ -213,14 +213,14 @@ def _frozen_with_reference(config, world: World, mesh, shardings: Any) -> tuple[
     Frozen arrays a world already placed on this mesh (a streamed VAE or T5) keep their
     shards; everything else is replicated.
     """
-    def placement(x):
+    def place(x):  # replicate() also copies single-device arrays onto a pod's mesh
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-            return sharding
-        return parallel.replicated(mesh)
+            return x
+        return parallel.replicate(x, mesh)
 
-    frozen_sh = jax.tree.map(placement, world.frozen)
-    frozen = jax.device_put(world.frozen, frozen_sh)
+    frozen = jax.tree.map(place, world.frozen)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     if methods.needs_reference(config.method):
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
         frozen = dict(frozen, reference=copy(world.params))
