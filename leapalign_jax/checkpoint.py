@@ -2,10 +2,11 @@
 
 A checkpoint holds the whole `TrainState` (as a pytree) and a JSON `meta` with the run's
 fingerprint. Folders are `paths` (local or gs://); on a pod every process takes part in
-saving and restoring (orbax writes each process's shards), and moving folders aside is
-done by process 0 after all processes agreed on it. Training restores everything and refuses a checkpoint of another run;
-inference restores only the EMA params and never moves or deletes anything, so
-`task=evaluate` or `task=sample` can run beside (or after) training without touching it.
+saving and restoring (orbax writes each process's shards), and moving folders aside is done
+by process 0 after all processes agreed on it. Training restores everything and refuses a
+checkpoint of another run; inference restores only the EMA params and never moves or
+deletes anything, so `task=evaluate` or `task=sample` can run beside (or after) training
+without touching it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Evaluation outputs shared by worlds: image folders, prompt records, Fréchet distance.
 
-`task=evaluate` (leapalign_jax/tasks.py) writes, for the latest checkpoint in the
-workdir (or the base model), `DIR/eval/<name>/images/<index>.png`, `prompts.jsonl` (one line per image: file, prompt,
-category, the spec asked for) and `results.json`, so an external checker can score the
-same images.
+`task=evaluate` (leapalign_jax/tasks.py) writes, for the latest checkpoint in the workdir
+(or the base model), `DIR/eval/<name>/images/<index>.png`, `prompts.jsonl` (one line per
+image: file, prompt, category, the spec asked for) and `results.json`, so an external
+checker can score the same images. Folders may be local or gs:// (`paths`); on a pod every
+process passes the gathered images and process 0 writes.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     if paths.is_writer():
         sampling.save_grid(images, path, captions=world.eval_prompts)
         for i, image in enumerate(images):  # each image too, full size
-            sampling.save_image(image, paths.join(workdir, "samples", f"{step:06d}", f"{i:03d}.png"))
+            sampling.save_image(image, paths.join(workdir, "samples", f"{step:06d}",
+                                                  f"{i:03d}.png"))
         logging.info("wrote %s", path)
         print(path)
     paths.barrier("sample")

@@ -4,13 +4,13 @@
 
 Joins the job the way tests/multihost.py does (gloo CPU collectives; a short heartbeat
 timeout so a killed peer is noticed in seconds), then runs the train task of
-configs/random_flux.py:VARIANT in WORKDIR through `main.setup_logging` and `tasks.train_and_report`
-(what `python -m leapalign_jax.main` runs). A hook records, for each step, the global
-prompt ids this process saw (gathered from every host) and the rows it read itself, and
-after step s touches MARKERS/<process>-<s> and sleeps SLEEP seconds, so the test can signal
-a host at a known point. WORKER_EVALUATE=0 in the environment skips the world's
-evaluation (fewer compilations where a test does not look at it). The last line on stdout is a JSON record; on SIGTERM the record is
-printed and the exit status (42) kept.
+configs/random_flux.py:VARIANT in WORKDIR through `main.setup_logging` and
+`tasks.train_and_report` (what `python -m leapalign_jax.main` runs). A hook records, for
+each step, the global prompt ids this process saw (gathered from every host) and the rows
+it read itself, and after step s touches MARKERS/<process>-<s> and sleeps SLEEP seconds, so
+the test can signal a host at a known point. WORKER_EVALUATE=0 in the environment skips the
+world's evaluation (fewer compilations where a test does not look at it). The last line on
+stdout is a JSON record; on SIGTERM the record is printed and the exit status (42) kept.
 """
 
 import dataclasses
