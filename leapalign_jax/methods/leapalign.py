@@ -51,6 +51,68 @@ def _mean_abs(d: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(d), axis=tuple(range(1, d.ndim)))
 
 
+def _after(tree: Any) -> jax.Array:
+    """A float32 zero computed from one element of every leaf of `tree`.
+
+    Adding it to a value makes that value wait for the whole tree: a data dependency XLA
+    must schedule by (optimization barriers are dropped before scheduling on CPU, and
+    `0 * y` is not folded for floats, since `0 * inf` is NaN).
+    """
+    return 0.0 * sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in jax.tree.leaves(tree))
+
+
+def recomputed_velocity(velocity_fn: flow.StepVelocityFn) -> flow.StepVelocityFn:
+    """`velocity_fn` whose backward pass recomputes its forward once its cotangent arrives.
+
+    For leap 1: gradient flows to the params only (the leap starts from a detached latent).
+    Its activations would otherwise stay alive through leap 2's forward and backward, so
+    the peak would hold two calls' activations; recomputed, it holds one call's at a time,
+    for one more forward. The recomputation's input waits for the cotangent (`_after`), so
+    XLA cannot schedule it early (which would keep its activations alive as long).
+    """
+
+    @jax.custom_vjp
+    def call(params, x, sigma):
+        return velocity_fn(params, x, sigma)
+
+    def call_fwd(params, x, sigma):
+        return velocity_fn(params, x, sigma), (params, x, sigma)
+
+    def call_bwd(res, g):
+        params, x, sigma = res
+        x = x + _after(g).astype(x.dtype)
+        _, vjp = jax.vjp(lambda p: velocity_fn(p, x, sigma), params)
+        return vjp(g)[0], jnp.zeros_like(x), jnp.zeros_like(sigma)
+
+    call.defvjp(call_fwd, call_bwd)
+    return call
+
+
+def finished_velocity(velocity_fn: flow.StepVelocityFn) -> flow.StepVelocityFn:
+    """`velocity_fn` whose backward pass releases its input cotangent only together with
+    its param cotangent.
+
+    For leap 2: leap 1's backward needs only the input cotangent, so XLA may otherwise
+    defer leap 2's weight-gradient matmuls past leap 1's recomputation and hold both
+    calls' activations at once. Waiting for the param cotangent (`_after`) makes leap 2's
+    backward finish first.
+    """
+
+    @jax.custom_vjp
+    def call(params, x, sigma):
+        return velocity_fn(params, x, sigma)
+
+    def call_fwd(params, x, sigma):
+        return jax.vjp(velocity_fn, params, x, sigma)
+
+    def call_bwd(vjp, g):
+        d_params, d_x, d_sigma = vjp(g)
+        return d_params, d_x + _after(d_params).astype(d_x.dtype), d_sigma
+
+    call.defvjp(call_fwd, call_bwd)
+    return call
+
+
 def leap_to_clean(velocity_fn: flow.StepVelocityFn, params: Params, x_k: jax.Array,
                   x_j: jax.Array, x_clean: jax.Array, sigma_k: jax.Array,
                   sigma_j: jax.Array, *, alpha: float, tau: float) -> LeapOutput:
@@ -65,14 +127,14 @@ def leap_to_clean(velocity_fn: flow.StepVelocityFn, params: Params, x_k: jax.Arr
     """
     x_k, x_j, x_clean = sg(x_k), sg(x_j), sg(x_clean)
 
-    # Leap 1, from the detached rollout latent x_k.
-    xhat_j = flow.euler_step(velocity_fn, params, x_k, sigma_k, sigma_j)
+    # Leap 1, from the detached rollout latent x_k, recomputed in its backward pass.
+    xhat_j = flow.euler_step(recomputed_velocity(velocity_fn), params, x_k, sigma_k, sigma_j)
     xtil_j = _connect(x_j, xhat_j)
     # Leap 2 starts from xtil_j, but its velocity input passes only the fraction alpha of
     # the nested gradient (its value is x_j either way).
     u = sg(xtil_j) + alpha * (xtil_j - sg(xtil_j))
-    xhat_clean = (xtil_j - flow.per_sample(sigma_j, x_j) * velocity_fn(params, u, sigma_j)
-                  ).astype(x_j.dtype)
+    v_j = finished_velocity(velocity_fn)(params, u, jnp.broadcast_to(sigma_j, u.shape[:1]))
+    xhat_clean = (xtil_j - flow.per_sample(sigma_j, x_j) * v_j).astype(x_j.dtype)
     xtil_clean = _connect(x_clean, xhat_clean)
 
     # Trajectory similarity: leaps that agree with the long trajectory weigh more.
