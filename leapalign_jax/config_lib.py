@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from leapalign_jax import methods, parallel
+from leapalign_jax.plan import plan_config
 from leapalign_jax.world import random_flux_config
 
 
@@ -18,7 +19,9 @@ class ConfigError(ValueError):
 
 def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "train"  # train | sample | evaluate | embed (FLUX.1 prompt embeddings)
+    # train | sample | evaluate | embed (FLUX.1 prompt embeddings) | plan (memory and speed
+    # of the train step compiled from shapes, before launch; knobs in config.plan)
+    c.task = "train"
     c.seed = 0  # every random stream derives from it by fold_in / named sub-seeds
     c.eval_name = ""  # task=evaluate writes DIR/eval/<eval_name>/ ("" = step_<N>)
 
@@ -56,6 +59,8 @@ def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c.mesh.shape = [-1, 1, 1]  # (data, fsdp, tensor); one -1 takes the remaining devices
     # logical axis name -> mesh axis; e.g. [["embed", "fsdp"], ...] for FSDP
     c.mesh.rules = [list(r) for r in parallel.DEFAULT_RULES]
+
+    c.plan = plan_config()  # task=plan: chip, HBM budget, MFU (documented in plan.py)
     return c
 
 
@@ -83,8 +88,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, num_steps: i
 
     `data_parallel` is the mesh's data x fsdp size, `num_steps` the rollout length T.
     """
-    _check(config.task in ("train", "sample", "evaluate", "embed"),
-           f"config.task={config.task!r}: use train, sample, evaluate or embed")
+    _check(config.task in ("train", "sample", "evaluate", "embed", "plan"),
+           f"config.task={config.task!r}: use train, sample, evaluate, embed or plan")
     _check(config.task != "embed" or config.world.name == "flux",
            "config.task=embed precomputes FLUX.1 prompt embeddings; use it with "
            "configs/flux_dev.py (world flux)")

@@ -15,11 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from leapalign_jax import checkpoint, evaluate, flux_world, paths, sampling, train
+from leapalign_jax import checkpoint, evaluate, flux_world, paths, plan, sampling, train
 from leapalign_jax.pipeline import Params, World
 from leapalign_jax.world import build_world
 
-TASKS = ("train", "sample", "evaluate", "embed")
+TASKS = ("train", "sample", "evaluate", "embed", "plan")
 
 
 def latest_params(config: ml_collections.ConfigDict, workdir: str, world: World,
@@ -123,4 +123,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
         return evaluate_checkpoint(config, workdir)
     if config.task == "embed":  # FLUX.1 prompt embeddings into workdir/embeddings/
         return flux_world.embed(config, workdir)
+    if config.task == "plan":  # memory and speed of the train step, before launch
+        return plan.run_plan(config)
     raise ValueError(f"config.task={config.task!r}: use one of {TASKS}")
