@@ -93,13 +93,27 @@ def plan_config() -> ml_collections.ConfigDict:
     # "" = config.world.model; "flux-dev" / "flux-schnell" = FLUX.1's architecture
     # (world.model's dtype and remat still apply). config.world.init_weights, when set, wins.
     c.model = ""
-    # Devices of the mesh when config.mesh.shape holds a -1; None: this host's devices.
+    # (data, fsdp, tensor) of the planned mesh, e.g. "(1, 16, 1)"; None: config.mesh.shape
+    # (a list, which command-line flags cannot override).
+    c.mesh = ml_collections.config_dict.placeholder(tuple)
+    # Devices of the mesh when the shape holds a -1; None: this host's devices.
     c.num_devices = ml_collections.config_dict.placeholder(int)
     # 0: compile the real per-device batch. n > 0: compile per-device batches n and 2n and
     # extrapolate temporaries and FLOPs linearly to the real one (for steps too big to
     # compile at full batch on a small host).
     c.compile_batch_per_device = 0
+    # 0: compile the whole model. n > 0: the blocks come in g units of (depth / g double +
+    # depth_single_blocks / g single) blocks, g = gcd of the two (FLUX.1: 19 units of 1 + 2);
+    # compile models of n and 2n units (full width, tokens, batch and mesh) and extrapolate
+    # every compiled number linearly to g units. Compile time grows faster than linearly
+    # with the program, so this is how a 12B FLUX.1-dev step is planned on a small CPU host.
+    c.compile_units = 0
     c.check_fit = True  # raise ValueError when the step does not fit the chip
+    # What the fit is judged on: "compiled" (memory_analysis) or "analytic" (the terms
+    # from first principles). XLA:CPU's schedule keeps rematerialised activations alive
+    # and computes attention and bf16 matmuls in float32, so a CPU-compiled temp overstates
+    # a TPU/GPU run of a remat'd model (benchmarks/results/plan.md).
+    c.fit_on = "compiled"
     return c
 
 
@@ -305,7 +319,7 @@ def live_gradient_calls(method_cfg: Any, num_steps: int) -> tuple[int, str]:
     """Velocity calls whose saved activations coexist at the backward pass, and why."""
     name = method_cfg.name
     if name == "leapalign":
-        return 2, "two leaps"
+        return 1, "two leaps, leap 1 recomputed after leap 2's backward"
     if name == "draft":
         k = int(method_cfg.k)
         return (1, f"{k} steps, each rematerialised") if k > 1 else (1, "one step")
@@ -370,7 +384,7 @@ def analytic_terms(mc: FluxConfig, param_count: int, shard_factor: float, tokens
 
 
 def _resolved_mesh_shape(config: ml_collections.ConfigDict, available: int) -> list[int]:
-    shape = [int(s) for s in config.mesh.shape]
+    shape = [int(s) for s in (config.plan.mesh or config.mesh.shape)]
     if -1 in shape:
         n = config.plan.num_devices or available
         known = math.prod(s for s in shape if s != -1)
@@ -404,7 +418,8 @@ def run_plan(config: ml_collections.ConfigDict) -> dict:
     result = compute_plan(config)
     print(format_plan(result))
     if config.plan.check_fit:
-        check_fit(result, config.plan.chip, config.plan.hbm_gib, config.plan.usable_fraction)
+        check_fit(result, config.plan.chip, config.plan.hbm_gib, config.plan.usable_fraction,
+                  config.plan.fit_on)
     return result
 
 
@@ -447,6 +462,35 @@ def _plan_in_subprocess(config: ml_collections.ConfigDict, shape: list[int]) -> 
     return result
 
 
+def _extrapolate(a: dict, b: dict, x_a: float, x_b: float, x: float) -> dict:
+    """Every number of `a` (at x_a) and `b` (at x_b) extrapolated linearly to x."""
+    out = dict(b)
+    for key, va in a.items():
+        if isinstance(va, (int, float)) and not key.endswith("_s") and key != "unknown_loops":
+            out[key] = va + (x - x_a) / (x_b - x_a) * (b[key] - va)
+    out["compile_s"] = a["compile_s"] + b["compile_s"]
+    out["trace_s"] = a["trace_s"] + b["trace_s"]
+    return out
+
+
+def _compile_batch(config, mc: FluxConfig, mesh, rules, per_device: int) -> dict:
+    """The compiled numbers at the config's batch (or extrapolated to it, see
+    `plan.compile_batch_per_device`)."""
+    world = abstract_world(config, mc)
+    dp = parallel.data_parallel_size(mesh)
+    small = int(config.plan.compile_batch_per_device)
+    if small and small < per_device:
+        a = _compile(config, world, mesh, rules, small * dp, mc)
+        b = _compile(config, world, mesh, rules, 2 * small * dp, mc)
+        compiled = _extrapolate(a, b, small, 2 * small, per_device)
+        compiled["compiled_batches_per_device"] = [small, 2 * small]
+    else:
+        compiled = _compile(config, world, mesh, rules, per_device * dp, mc)
+        compiled["compiled_batches_per_device"] = [per_device]
+    compiled["batch"] = per_device * dp
+    return compiled
+
+
 def _plan_here(config: ml_collections.ConfigDict, shape: list[int]) -> dict:
     mc = model_config(config)
     devices = jax.devices()[:math.prod(shape)]
@@ -459,22 +503,30 @@ def _plan_here(config: ml_collections.ConfigDict, shape: list[int]) -> dict:
         raise ValueError(f"config.train.batch_size={batch} is not divisible by the {dp} "
                          "data-parallel devices of config.mesh.shape; change one of them")
     per_device = batch // dp
-    small = int(config.plan.compile_batch_per_device)
-    if small and small < per_device:
-        a = _compile(config, world, mesh, rules, small * dp, mc)
-        b = _compile(config, world, mesh, rules, 2 * small * dp, mc)
-        scale = (per_device - small) / small  # linear in the per-device batch
-        compiled = dict(b)
-        for key in ("temp", "cost_flops", "jaxpr_flops", "jaxpr_flops_once", "batch_bytes",
-                    "arguments"):
-            compiled[key] = a[key] + scale * (b[key] - a[key])
-        compiled["compiled_batches_per_device"] = [small, 2 * small]
-        compiled["compile_s"] = a["compile_s"] + b["compile_s"]
-        compiled["trace_s"] = a["trace_s"] + b["trace_s"]
-        compiled["batch"] = batch
+    n = int(config.plan.compile_units)
+    g = math.gcd(mc.depth, mc.depth_single_blocks)
+    if n and 2 * n < g:
+        unit = (mc.depth // g, mc.depth_single_blocks // g)
+        a, b = (_compile_batch(config, dataclasses.replace(
+            mc, depth=unit[0] * u, depth_single_blocks=unit[1] * u), mesh, rules, per_device)
+            for u in (n, 2 * n))
+        compiled = _extrapolate(a, b, n, 2 * n, g)
+        compiled["compiled_units"] = [[unit[0] * n, unit[1] * n], [unit[0] * 2 * n,
+                                                                     unit[1] * 2 * n]]
+        # The state's shards are known exactly from the full model's shapes.
+        optimizer = train.make_optimizer(config.optim)
+        shardings = train.state_shardings(world, optimizer, mesh, rules)
+        state = jax.eval_shape(lambda p: train.create_train_state(p, optimizer, 0),
+                               world.params)
+        exact = {"params": shard_bytes(state.params, shardings.params),
+                 "optimizer": shard_bytes(state.opt_state, shardings.opt_state),
+                 "ema": shard_bytes(state.ema_params, shardings.ema_params)}
+        compiled["extrapolation_error_bytes"] = max(
+            abs(compiled[k] - v) for k, v in exact.items())
+        compiled.update(exact)
     else:
-        compiled = _compile(config, world, mesh, rules, batch, mc)
-        compiled["compiled_batches_per_device"] = [per_device]
+        compiled = _compile_batch(config, mc, mesh, rules, per_device)
+        compiled["compiled_units"] = []
 
     param_count = int(sum(math.prod(x.shape) for x in jax.tree.leaves(world.params)))
     shard_factor = mesh.shape["fsdp"] * mesh.shape["tensor"]
@@ -515,27 +567,42 @@ def memory_terms(plan: dict) -> dict[str, float]:
             + c["output"] - c["alias"]}
 
 
+def peak_bytes(plan: dict, fit_on: str = "compiled") -> float:
+    """The per-device peak the fit is judged on: compiled, or the analytic terms' sum."""
+    if fit_on == "analytic":
+        c = plan["compiled"]
+        return sum(plan["analytic"].values()) + c["frozen"] + c["batch_bytes"]
+    if fit_on != "compiled":
+        raise ValueError(f"config.plan.fit_on={fit_on!r}: use 'compiled' or 'analytic'")
+    return plan["compiled"]["peak"]
+
+
 def budget_bytes(chip: str, hbm_gib: float | None, usable_fraction: float) -> float:
     hbm = CHIPS[chip].hbm_gib if hbm_gib is None else hbm_gib
     return hbm * GIB * usable_fraction
 
 
-def fits(plan: dict, chip: str, hbm_gib: float | None = None,
-         usable_fraction: float = 0.9) -> bool:
-    return plan["compiled"]["peak"] <= budget_bytes(chip, hbm_gib, usable_fraction)
+def fits(plan: dict, chip: str, hbm_gib: float | None = None, usable_fraction: float = 0.9,
+         fit_on: str = "compiled") -> bool:
+    return peak_bytes(plan, fit_on) <= budget_bytes(chip, hbm_gib, usable_fraction)
 
 
 def check_fit(plan: dict, chip: str, hbm_gib: float | None = None,
-              usable_fraction: float = 0.9) -> None:
+              usable_fraction: float = 0.9, fit_on: str = "compiled") -> None:
     """Raises ValueError (one line) when the plan's peak exceeds the chip's usable HBM.
 
     The message names the largest term and what to change for it.
     """
     budget = budget_bytes(chip, hbm_gib, usable_fraction)
-    peak = plan["compiled"]["peak"]
+    peak = peak_bytes(plan, fit_on)
     if peak <= budget:
         return
-    terms = memory_terms(plan)
+    terms = memory_terms(plan) if fit_on == "compiled" else {
+        "params": plan["analytic"]["params"],
+        "optimizer moments": plan["analytic"]["optimizer"], "EMA": plan["analytic"]["ema"],
+        "gradients": plan["analytic"]["gradients"],
+        "activations and other temporaries": plan["analytic"]["activations"]
+        + plan["analytic"]["weight_copy"]}
     largest = max(terms, key=terms.get)
     mesh, model = plan["mesh"], plan["model"]
     if largest in ("params", "optimizer moments", "EMA", "gradients"):
@@ -548,7 +615,7 @@ def check_fit(plan: dict, chip: str, hbm_gib: float | None = None,
     else:
         fix = "lower config.train.batch_size"
     raise ValueError(
-        f"plan: the step needs {peak / GIB:.1f} GiB per device but {chip} allows "
+        f"plan: the step needs {peak / GIB:.1f} GiB per device ({fit_on}) but {chip} allows "
         f"{budget / GIB:.1f} GiB ({usable_fraction:.0%} of "
         f"{CHIPS[chip].hbm_gib if hbm_gib is None else hbm_gib:g} GiB); the largest term is "
         f"{largest} ({terms[largest] / GIB:.1f} GiB): {fix}")
@@ -569,6 +636,13 @@ def format_plan(plan: dict) -> str:
     how = (f"compiled at {batches[0]} per device" if len(batches) == 1 else
            f"compiled at {batches[0]} and {batches[1]} per device, temporaries and FLOPs "
            f"extrapolated linearly to {plan['batch_per_device']}")
+    units = c.get("compiled_units") or []
+    if units:
+        how += (f"; the step was compiled with {units[0][0]}+{units[0][1]} and {units[1][0]}+"
+                f"{units[1][1]} blocks and every compiled number extrapolated linearly in "
+                f"the blocks to {m['depth']}+{m['depth_single_blocks']} (state shards "
+                "exact from the full model's shapes; the extrapolated ones were off by "
+                f"{c['extrapolation_error_bytes'] / 2 ** 20:.2f} MiB)")
     lines = [
         f"**{plan['method']}**, Flux {m['depth']}+{m['depth_single_blocks']} blocks, hidden "
         f"{m['hidden_size']} ({plan['param_count'] / 1e9:.3f}B params), {m['dtype']}, remat "
@@ -604,9 +678,11 @@ def format_plan(plan: dict) -> str:
         f"Iteration time at MFU {plan['mfu']}: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in plan["seconds_per_iter"].items()) + ".",
         "",
-        "Fits (peak <= usable HBM, " + f"{plan['usable_fraction']:.0%}): " + ", ".join(
-            f"{k} ({CHIPS[k].hbm_gib:g} GiB) {'yes' if fits(plan, k, None, plan['usable_fraction']) else 'no'}"
-            for k in CHIPS) + ".",
+        f"Fits one chip (peak <= {plan['usable_fraction']:.0%} of its HBM), compiled / "
+        "analytic: " + ", ".join(
+            f"{k} ({CHIPS[k].hbm_gib:g} GiB) "
+            + "/".join("yes" if fits(plan, k, None, plan["usable_fraction"], on) else "no"
+                       for on in ("compiled", "analytic")) for k in CHIPS) + ".",
     ]
     return "\n".join(lines)
 

@@ -113,6 +113,8 @@ def test_over_budget_stops_with_one_line_naming_the_largest_term(tiny_plan):
     terms = plan.memory_terms(tiny_plan)
     assert max(terms, key=terms.get) in message
     plan.check_fit(tiny_plan, "v5p", hbm_gib=95)  # a tiny model fits
+    with pytest.raises(ValueError, match=r"\(analytic\) but v5p"):
+        plan.check_fit(tiny_plan, "v5p", hbm_gib=1e-5, fit_on="analytic")
 
 
 @pytest.mark.parametrize("term, fix", [("temp", "remat=full"),
@@ -128,7 +130,7 @@ def test_fit_error_names_the_fix_of_the_largest_term(tiny_plan, term, fix):
 
 def test_run_plan_raises_for_a_chip_it_does_not_fit(tiny_plan, capsys, monkeypatch):
     monkeypatch.setattr(plan, "compute_plan", lambda config: tiny_plan)
-    with pytest.raises(ValueError, match=r"needs .* GiB per device but v5p allows"):
+    with pytest.raises(ValueError, match=r"needs .* GiB per device \(compiled\) but v5p allows"):
         plan.run_plan(tiny_config(chip="v5p", hbm_gib=1e-5))
     assert "| **peak**" in capsys.readouterr().out  # the report is printed first
 
