@@ -120,32 +120,69 @@ def plan_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- the world
 
 
-def model_config(config: ml_collections.ConfigDict) -> FluxConfig:
-    """The Flux architecture of the plan: init_weights' header, a preset, or world.model."""
+class Geometry(NamedTuple):
+    """The sizes a plan needs of a world: latent tokens per side, text tokens, steps."""
+
+    height_tokens: int
+    width_tokens: int
+    text_len: int
+    num_steps: int
+    guidance: float
+
+
+def geometry(config: ml_collections.ConfigDict) -> Geometry:
+    """The world's token grid, text length, rollout length and guidance.
+
+    The "flux" world gives them as pixels (height / 16: VAE /8 then 2x2 patches) and T5
+    tokens; random_flux-style worlds as `latent_hw`, `text_len`.
+    """
     wc = config.world
-    if "model" not in wc or "latent_hw" not in wc:
-        raise ValueError(f"config.world.name={wc.name!r}: the plan needs a Flux world with "
-                         "world.model, latent_hw, text_len (e.g. configs/random_flux.py)")
+    if wc.name == "flux":
+        return Geometry(wc.height // 16, wc.width // 16, wc.max_sequence_length,
+                        wc.num_steps, wc.guidance)
+    if "model" in wc and "latent_hw" in wc:
+        return Geometry(wc.latent_hw, wc.latent_hw, wc.text_len, wc.num_steps,
+                        wc.get("guidance", 3.5))
+    raise ValueError(f"config.world.name={wc.name!r}: the plan needs a Flux world (flux, or "
+                     "one with world.model, latent_hw, text_len such as random_flux)")
+
+
+def model_config(config: ml_collections.ConfigDict) -> FluxConfig:
+    """The Flux architecture of the plan: the checkpoint's header, a preset, or world.model.
+
+    The "flux" world: `world.checkpoint`'s transformer/config.json when it exists, else
+    FLUX.1-dev (or `plan.model`), with the world's dtype and remat.
+    """
+    wc = config.world
+    geometry(config)  # a world the plan knows
+    preset = config.get("plan", plan_config()).model
+    if preset and preset not in PRESETS:
+        raise ValueError(f"config.plan.model={preset!r}: use one of {sorted(PRESETS)} "
+                         "or '' for the world's model")
+    from leapalign_jax.weights.flux import read_flux_config
+    if wc.name == "flux":
+        keep = {"dtype": wc.dtype, "remat": wc.remat}
+        folder = os.path.join(wc.checkpoint, "transformer") if wc.checkpoint else ""
+        if folder and os.path.isdir(folder) and not preset:
+            return dataclasses.replace(read_flux_config(folder), **keep)
+        return dataclasses.replace(PRESETS[preset or "flux-dev"], **keep)
     knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.model.to_dict().items()}
     keep = {"dtype": knobs.get("dtype", "float32"), "remat": knobs.get("remat", "none")}
-    preset = config.get("plan", plan_config()).model
     if wc.get("init_weights"):
-        from leapalign_jax.weights.flux import read_flux_config
         axes = None if wc.get("init_axes_dim") is None else tuple(wc.init_axes_dim)
         return dataclasses.replace(read_flux_config(wc.init_weights, axes_dim=axes), **keep)
     if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"config.plan.model={preset!r}: use one of {sorted(PRESETS)} "
-                             "or '' for config.world.model")
         return dataclasses.replace(PRESETS[preset], **keep)
     return FluxConfig(**knobs)
 
 
 def standin_decode(frozen: Params, x: jax.Array) -> jax.Array:
-    """Identity-like decoder: the first 3 channels of each latent token as an RGB pixel."""
+    """Identity-like decoder: the first 3 channels of each latent token as an RGB pixel
+    (a square image when the tokens form one, else one column)."""
     del frozen
     side = int(round(x.shape[1] ** 0.5))
-    return jax.nn.sigmoid(x[..., :3].reshape(x.shape[0], side, side, 3))
+    h, w = (side, side) if side * side == x.shape[1] else (x.shape[1], 1)
+    return jax.nn.sigmoid(x[..., :3].reshape(x.shape[0], h, w, 3))
 
 
 def standin_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
@@ -156,15 +193,15 @@ def standin_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array
 
 def abstract_world(config: ml_collections.ConfigDict, mc: FluxConfig) -> World:
     """A World whose params are shapes only, with the Flux velocity and stand-in judges."""
-    wc = config.world
-    side, seq = wc.latent_hw, wc.latent_hw * wc.latent_hw
+    g = geometry(config)
+    seq = g.height_tokens * g.width_tokens
     boxed = abstract_params(mc)
-    guidance = wc.get("guidance", 3.5) if mc.guidance_embed else None
     pipe = Pipeline(
-        velocity=flux_velocity(Flux(mc), flow.image_ids(side, side), flow.text_ids(wc.text_len),
-                               guidance),
+        velocity=flux_velocity(Flux(mc), flow.image_ids(g.height_tokens, g.width_tokens),
+                               flow.text_ids(g.text_len),
+                               g.guidance if mc.guidance_embed else None),
         decode=standin_decode, reward=standin_reward,
-        sigmas=flow.flux_sigmas(wc.num_steps, seq), latent_shape=(seq, mc.in_channels))
+        sigmas=flow.flux_sigmas(g.num_steps, seq), latent_shape=(seq, mc.in_channels))
     return World(pipe=pipe, params=jax.tree.map(_sds, _unbox(boxed)), param_axes=boxed,
                  frozen={}, train_batch=None, eval_batch=None, fingerprint={})
 
@@ -272,7 +309,7 @@ def matmul_flops(jaxpr: Any) -> tuple[float, float, int]:
 
 def _compile(config, world, mesh, rules, batch_size: int, mc: FluxConfig) -> dict:
     """Compiles the step at a global batch; memory, FLOPs and timings as a dict."""
-    batch = abstract_batch(mc, batch_size, config.world.text_len)
+    batch = abstract_batch(mc, batch_size, geometry(config).text_len)
     t0 = time.perf_counter()
     step_fn, (args, shardings) = jit_train_step(config, world, mesh, rules, batch)
     traced = step_fn.trace(*args)
@@ -531,7 +568,8 @@ def _plan_here(config: ml_collections.ConfigDict, shape: list[int]) -> dict:
     param_count = int(sum(math.prod(x.shape) for x in jax.tree.leaves(world.params)))
     shard_factor = mesh.shape["fsdp"] * mesh.shape["tensor"]
     calls, why = live_gradient_calls(config.method, world.pipe.num_steps)
-    tokens = config.world.latent_hw ** 2 + config.world.text_len
+    g = geometry(config)
+    tokens = g.height_tokens * g.width_tokens + g.text_len
     analytic = analytic_terms(mc, param_count, shard_factor, tokens, per_device, calls, 1.0)
     loop_extra = compiled["jaxpr_flops"] - compiled["jaxpr_flops_once"]
     flops = compiled["cost_flops"] + loop_extra
@@ -543,9 +581,11 @@ def _plan_here(config: ml_collections.ConfigDict, shape: list[int]) -> dict:
         "backend": f"{jax.default_backend()} ({devices[0].device_kind})",
         "jax": jax.__version__,
         "batch": batch, "batch_per_device": per_device,
-        "image_tokens": config.world.latent_hw ** 2, "text_tokens": config.world.text_len,
+        "image_tokens": g.height_tokens * g.width_tokens, "text_tokens": g.text_len,
         "num_steps": world.pipe.num_steps, "param_count": param_count,
         "live_gradient_calls": [calls, why],
+        "remat_knob": ("config.world.remat" if config.world.name == "flux"
+                       else "config.world.model.remat"),
         "compiled": dict(compiled, peak=peak), "analytic": analytic,
         "flops_per_device": flops, "loop_extra_flops": loop_extra,
         "mfu": pc.mfu,
@@ -609,9 +649,15 @@ def check_fit(plan: dict, chip: str, hbm_gib: float | None = None,
         fix = (f"shard the weights over more devices (config.mesh.shape fsdp axis, now "
                f"{mesh['fsdp']}) or train LoRA adapters instead of every weight")
     elif largest == "activations and other temporaries":
-        fix = (f"recompute block activations (config.world.model.remat=full, now "
-               f"{model['remat']}), lower the per-device batch (now {plan['batch_per_device']}:"
-               " config.train.batch_size or more data-parallel devices) or use LoRA")
+        knob = plan.get("remat_knob", "config.world.model.remat")
+        fix = (f"recompute block activations ({knob}=full, now {model['remat']}), "
+               if model["remat"] != "full" else "")
+        fix += (f"lower the per-device batch (now {plan['batch_per_device']}: "
+                "config.train.batch_size or more data-parallel devices) or use LoRA")
+        if fit_on == "compiled" and plan["backend"].startswith("cpu") \
+                and model["remat"] != "none":
+            fix += ("; XLA:CPU keeps rematerialised activations alive, so for a TPU/GPU run "
+                    "also judge with config.plan.fit_on=analytic")
     else:
         fix = "lower config.train.batch_size"
     raise ValueError(
@@ -708,7 +754,11 @@ def main(argv: list[str]) -> None:
         raise SystemExit("--config is required, e.g. --config configs/random_flux.py")
     config = ml_collections.ConfigDict(config.to_dict())
     config.plan = flags_.plan  # standalone entry: the knobs come as --plan.<knob>
-    run_plan(config)
+    try:
+        run_plan(config)
+    except ValueError as e:  # one line, like leapalign_jax.main
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
