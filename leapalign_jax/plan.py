@@ -4,7 +4,7 @@ The plan compiles the trainer's own step ahead of time from abstract shapes: the
 `jax.eval_shape` of the Flux init, the batch `ShapeDtypeStruct`s, and the step is
 `train.make_train_step` jitted with `train.state_shardings`, the same in/out shardings and
 state donation as `train.train_and_evaluate`, then `.lower(...).compile()`. Nothing is
-allocated, so a 12B FLUX.1-dev plan runs on a laptop. From the compiled executable:
+allocated, so a 12B FLUX.1-dev plan runs on a laptop (see `plan.compile_units`). From the compiled executable:
 
 - memory per device: `memory_analysis()` (argument, output, alias and temporary bytes); the
   arguments are split into params, optimizer moments and EMA by their shard shapes;
@@ -17,19 +17,29 @@ Beside them stand analytic terms (params, gradients, Adam moments, EMA, activati
 remat policy) so a gap between the two is visible and explained in the printed report.
 
 The world of a plan is abstract: a `Pipeline` whose velocity is the Flux model of the config
-(`config.world.model`, a preset named by `config.plan.model`, or the architecture read from
-`config.world.init_weights` without loading it) and whose decoder and reward are the
-random_flux world's identity-like stand-ins (the first three channels of each latent token as
-a pixel, a colour score): their cost is negligible, so the plan is the generator's alone. A
-FLUX world with the real VAE decoder and CLIP-based reward adds their activations later.
+and whose decoder and reward are the random_flux world's identity-like stand-ins (the first
+three channels of each latent token as a pixel, a colour score): their cost is negligible,
+so the plan is the generator's alone; the real VAE decoder, reward model and text encoders
+of the "flux" world are not in it. The model: for the "flux" world, `world.checkpoint`'s
+transformer config (read, not loaded) or FLUX.1-dev, at `world.height` x `world.width`
+pixels and `world.max_sequence_length` text tokens; for random_flux-style worlds
+`world.model` (or `world.init_weights`' header) at `latent_hw`, `text_len`; `plan.model`
+names a preset instead.
 
-A mesh larger than this host (`config.mesh.shape`, `config.plan.num_devices`) is simulated:
-the plan re-runs itself in a subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
-on CPU and reads back its JSON, so the numbers then come from XLA's CPU compiler (the report
-says which backend compiled them).
+A mesh (`config.plan.mesh`, else `config.mesh.shape`) larger than this host is simulated: the
+plan re-runs itself in a subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+on CPU and reads back its JSON. The report says which backend compiled the numbers. XLA:CPU
+does not honour remat in its schedule and runs attention softmax and bf16 matmuls in float32,
+so a CPU-compiled temp overstates a TPU/GPU run; `plan.fit_on="analytic"` judges the fit on
+the analytic terms instead (benchmarks/results/plan.md measures the gap). A whole FLUX.1-dev
+step compiles too slowly on a small CPU host: `plan.compile_units` compiles 1+2 and 2+4 blocks
+and extrapolates.
 
-    python -m leapalign_jax.plan --config configs/random_flux.py \\
-        --config.plan.model=flux-dev --config.mesh.shape="(1, 16, 1)" --config.plan.chip=v5p
+    python -m leapalign_jax.main --config configs/flux_dev.py --workdir /tmp/plan \\
+        --config.task=plan --config.plan.mesh="(1, 16, 1)" --config.plan.compile_units=1 \\
+        --config.world.remat=full --config.plan.chip=v5p
+
+(`python -m leapalign_jax.plan --config FILE --plan.chip=...` does the same without main.)
 """
 
 from __future__ import annotations
