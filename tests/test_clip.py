@@ -20,6 +20,7 @@ import pytest
 from leapalign_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
                                        CLIPVisionConfig, CLIPVisionModel, abstract_params)
 from leapalign_jax.weights.clip import load_clip, load_clip_text, load_clip_vision
+from clip_random import randomise_clip
 
 VOCAB, SEQ, IMAGE, PROJ = 64, 10, 16, 24
 TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -32,27 +33,6 @@ VISION_HF = dict(TOWER, image_size=IMAGE, patch_size=4, num_channels=3, hidden_a
 def _rel(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def _randomise(model, seed):
-    """Every parameter random: norm scales around 1, embeddings O(0.5), the rest O(0.15)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            before = p.detach().clone()
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("logit_scale"):
-                p.copy_(1.5 + torch.rand((), generator=g))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.15 * noise)
-            assert not torch.equal(before, p), name
-    return model.eval()
 
 
 def _text_ids(rng, eos, eos_is_max):
@@ -99,7 +79,7 @@ def text_folders(tmp_path_factory):
 
     out = {}
     for i, (name, eos) in enumerate((("legacy", 2), ("eos", 40))):
-        model = _randomise(HFModel(HFConfig(**TEXT_HF, eos_token_id=eos,
+        model = randomise_clip(HFModel(HFConfig(**TEXT_HF, eos_token_id=eos,
                                             attn_implementation="eager")), seed=i)
         root = tmp_path_factory.mktemp(f"text_{name}")
         if name == "legacy":
@@ -117,7 +97,7 @@ def vision_folder(tmp_path_factory):
     from transformers import CLIPVisionConfig as HFConfig
     from transformers import CLIPVisionModelWithProjection as HFModel
 
-    model = _randomise(HFModel(HFConfig(**VISION_HF, projection_dim=PROJ,
+    model = randomise_clip(HFModel(HFConfig(**VISION_HF, projection_dim=PROJ,
                                         attn_implementation="eager")), seed=3)
     folder = tmp_path_factory.mktemp("vision")
     model.save_pretrained(folder, safe_serialization=True)
@@ -132,7 +112,7 @@ def clip_folder(tmp_path_factory):
                       vision_config=dict(VISION_HF, hidden_act="quick_gelu", hidden_size=40,
                                          num_attention_heads=5),
                       projection_dim=PROJ, attn_implementation="eager")
-    model = _randomise(HFModel(config), seed=4)
+    model = randomise_clip(HFModel(config), seed=4)
     folder = tmp_path_factory.mktemp("clip")
     model.save_pretrained(folder, safe_serialization=True)
     return str(folder), model
@@ -436,7 +416,7 @@ def test_with_projection_text_and_plain_vision_folders(tmp_path):
     from transformers import CLIPTextConfig as HFText, CLIPTextModelWithProjection
     from transformers import CLIPVisionConfig as HFVision, CLIPVisionModel as HFVisionModel
 
-    text = _randomise(CLIPTextModelWithProjection(HFText(**TEXT_HF, eos_token_id=VOCAB - 1,
+    text = randomise_clip(CLIPTextModelWithProjection(HFText(**TEXT_HF, eos_token_id=VOCAB - 1,
                                                          projection_dim=PROJ)), seed=5)
     text.save_pretrained(tmp_path / "text", safe_serialization=True)
     config, params = load_clip_text(tmp_path / "text", dtype=ml_dtypes.bfloat16)
@@ -446,7 +426,7 @@ def test_with_projection_text_and_plain_vision_folders(tmp_path):
                                   state["text_projection.weight"].T.astype(ml_dtypes.bfloat16))
     assert params["final_layer_norm"]["scale"].dtype == ml_dtypes.bfloat16
 
-    vision = _randomise(HFVisionModel(HFVision(**VISION_HF, projection_dim=PROJ)), seed=6)
+    vision = randomise_clip(HFVisionModel(HFVision(**VISION_HF, projection_dim=PROJ)), seed=6)
     vision.save_pretrained(tmp_path / "vision", safe_serialization=True)
     config, params = load_clip_vision(tmp_path / "vision")
     assert config.projection_dim is None and "visual_projection" not in params

@@ -23,6 +23,7 @@ from leapalign_jax.rewards.aesthetic import load_backbone
 from leapalign_jax.rewards.combine import combine
 from leapalign_jax.rewards.hpsv21 import load_openclip
 from leapalign_jax.rewards.preprocess import CLIP_MEAN, CLIP_STD, crop_offsets, preprocess
+from clip_random import randomise_clip
 
 SIZES = [(40, 72), (300, 406)]  # upsampled, downsampled (after the resize: 224x403, 224x303)
 PROJ = 24
@@ -58,27 +59,6 @@ def _vocab_size(tokenizer_dir):
     return len(json.loads((tokenizer_dir / "vocab.json").read_text()))
 
 
-def _randomise(model, seed):
-    """Every parameter random: norm scales around 1, embeddings O(0.5), the rest O(0.15)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            before = p.detach().clone()
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("logit_scale"):
-                p.copy_(1.5 + torch.rand((), generator=g))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.15 * noise)
-            assert not torch.equal(before, p), name
-    return model.eval()
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_clip(vocab, hidden_act, seed):
     """A tiny CLIPModel: 224 images in 4x4 patches of 56, 2 layers, width 32, 4 heads."""
@@ -91,7 +71,7 @@ def _torch_clip(vocab, hidden_act, seed):
                          bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
         vision_config=dict(tower, image_size=224, patch_size=56, num_channels=3),
         projection_dim=PROJ)
-    return _randomise(transformers.CLIPModel(config), seed)
+    return randomise_clip(transformers.CLIPModel(config), seed)
 
 
 @pytest.fixture(scope="module")
