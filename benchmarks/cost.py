@@ -114,7 +114,8 @@ class Case:
         pipe = make_pipe(mc, side, text_len, num_steps)
         cfg = method_config(variant, num_steps, batch)
         optimizer = train.make_optimizer(base_config.optim)
-        step = jax.jit(train.make_train_step(pipe, cfg, optimizer, base_config.optim.ema_decay),
+        step = jax.jit(train.make_train_step(pipe, cfg, optimizer, base_config.optim.ema_decay,
+                                             base_config.optim.grad_clip),
                        donate_argnums=(0,))
         rs = np.random.default_rng(0)
         self.batch = {"cond": {
@@ -141,24 +142,17 @@ class Case:
         return dt
 
 
-def proposed_train_step(pipe, method_cfg, optim_cfg) -> Callable:
-    """`train.make_train_step` with two changes proposed for train.py (same maths):
-
-    1. Global-norm clipping as one scalar factor, `g * where(finite, min(1, clip / |g|), 0)`,
-       then AdamW without `clip_by_global_norm` (`optax.identity()` keeps the optimizer
-       state's tree, so checkpoints still restore). optax's clip divides every element
-       under a select, which XLA materialises as a second gradient-sized buffer; a scalar
-       multiply fuses into the moment updates.
-    2. The non-finite guard as `lax.cond(finite, update, keep)` instead of
-       `where(finite, new, old)` over params, EMA and moments: with the state donated, the
-       selects read the old moments after the new ones overwrite them in place, so XLA
-       copies both moment trees (two more gradient-sized buffers).
-    """
+def select_guard_train_step(pipe, method_cfg, optim_cfg) -> Callable:
+    """The trainer's step as it was before the memory fix (same maths), for comparison:
+    `optax.clip_by_global_norm` then AdamW, and the non-finite guard as
+    `where(finite, new, old)` selects over params, EMA and moments. The clipped gradient
+    copy and the copies of both moment trees it costs are explained in
+    benchmarks/results/cost.md."""
     import optax
 
     loss_fn = methods.get_loss(method_cfg.name)
     cfg = ml_collections_frozen(method_cfg)
-    adamw = optax.chain(optax.identity(), optax.adamw(
+    optimizer = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), optax.adamw(
         optim_cfg.learning_rate, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay))
     decay = optim_cfg.ema_decay
@@ -169,21 +163,15 @@ def proposed_train_step(pipe, method_cfg, optim_cfg) -> Callable:
             state.params, frozen, batch, rng, pipe, cfg)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        scale = jnp.minimum(1.0, optim_cfg.grad_clip / jnp.maximum(grad_norm, 1e-30))
-        grads = jax.tree.map(lambda g: g * jnp.where(finite, scale, 0.0), grads)
-
-        def update(args):
-            params, ema, opt_state = args
-            updates, opt_state = adamw.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-            return params, ema, opt_state
-
-        params, ema, opt_state = jax.lax.cond(
-            finite, update, lambda args: args,
-            (state.params, state.ema_params, state.opt_state))
-        state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state,
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              ema_params=keep(ema, state.ema_params),
+                              opt_state=keep(opt_state, state.opt_state),
                               nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         return state, dict(metrics, loss=loss, grad_norm=grad_norm,
                            nonfinite=1.0 - finite.astype(jnp.float32))
@@ -196,8 +184,8 @@ def ml_collections_frozen(cfg: Any) -> Any:
     return ml_collections.FrozenConfigDict(cfg)
 
 
-def proposed_section(args, mc: FluxConfig) -> str:
-    """Compiled temp of the trainer's step against `proposed_train_step`, T = 25."""
+def step_memory_section(args, mc: FluxConfig) -> str:
+    """Compiled temp of `select_guard_train_step` against the trainer's step, T = 25."""
     from leapalign_jax.config_lib import base_config
     from leapalign_jax.plan import FAST_CPU_COMPILE
 
@@ -207,9 +195,9 @@ def proposed_section(args, mc: FluxConfig) -> str:
     optimizer = train.make_optimizer(base.optim)
     state = jax.eval_shape(lambda p: train.create_train_state(p, optimizer, 0), params)
     keys = ("alignprop_noremat", "leapalign", "leapalign_remat", "refl", "refl_remat")
-    rows = ["| image tokens | method | trainer step temp MiB | proposed step temp MiB |",
+    rows = ["| image tokens | method | select-guard step temp MiB | trainer step temp MiB |",
             "|---:|---|---:|---:|"]
-    for side in args.proposed_sides:
+    for side in args.step_memory_sides:
         batch = {"cond": {
             "txt": jax.ShapeDtypeStruct((args.batch, args.text_len, mc.context_in_dim),
                                         jnp.float32),
@@ -220,12 +208,13 @@ def proposed_section(args, mc: FluxConfig) -> str:
             pipe = make_pipe(dataclasses.replace(mc, remat=v.remat), side, args.text_len, t)
             cfg = method_config(v, t, args.batch)
             temps = []
-            for fn in (train.make_train_step(pipe, cfg, optimizer, base.optim.ema_decay),
-                       proposed_train_step(pipe, cfg, base.optim)):
+            for fn in (select_guard_train_step(pipe, cfg, base.optim),
+                       train.make_train_step(pipe, cfg, optimizer, base.optim.ema_decay,
+                                             base.optim.grad_clip)):
                 compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, {}, batch).compile(
                     compiler_options=FAST_CPU_COMPILE)
                 temps.append(compiled.memory_analysis().temp_size_in_bytes / MIB)
-            print(f"proposed step: {side * side} tokens {key} {temps}", flush=True)
+            print(f"step memory: {side * side} tokens {key} {temps}", flush=True)
             rows.append(f"| {side * side} | {v.label} | {temps[0]:.1f} | {temps[1]:.1f} |")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return "\n".join([
@@ -509,9 +498,9 @@ def main() -> None:
     parser.add_argument("--speed-side", type=int, default=16)
     parser.add_argument("--speed-text-len", type=int, default=64)
     parser.add_argument("--speed-rounds", type=int, default=5)
-    parser.add_argument("--proposed", action="store_true",
-                        help="add the temp of the proposed trainer step (train.py change)")
-    parser.add_argument("--proposed-sides", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--step-memory", action="store_true",
+                        help="add the temp of the trainer's step against the select-guard step")
+    parser.add_argument("--step-memory-sides", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--no-cost", action="store_true", help="skip the cost tables")
     parser.add_argument("--tiny", action="store_true", help="a tiny Flux (smoke test)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
@@ -529,9 +518,9 @@ def main() -> None:
     if not args.no_cost:
         text, _ = cost_section(args, mc)
         parts += ["## Time and temporary memory per iteration", "", text, ""]
-    if args.proposed:
-        parts += ["## Temporary memory with the proposed trainer step", "",
-                  proposed_section(args, mc), ""]
+    if args.step_memory:
+        parts += ["## Temporary memory of the trainer step against the select-guard step", "",
+                  step_memory_section(args, mc), ""]
     notes = ""
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:

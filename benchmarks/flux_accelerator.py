@@ -153,8 +153,8 @@ def main() -> None:
         "y": jnp.asarray(rs.standard_normal((args.batch, mc.vec_in_dim)), jnp.float32)},
         "prompt_id": jnp.arange(args.batch, dtype=jnp.int32)}
 
-    step = jax.jit(train.make_train_step(pipe, config.method, optimizer,
-                                         config.optim.ema_decay), donate_argnums=(0,))
+    step = jax.jit(train.make_train_step(pipe, config.method, optimizer, config.optim.ema_decay,
+                                         config.optim.grad_clip), donate_argnums=(0,))
     t0 = time.perf_counter()
     traced = step.trace(state, {}, batch)
     compiled = traced.lower().compile()

@@ -10,7 +10,7 @@ import ml_collections
 
 from leapalign_jax import methods, parallel
 from leapalign_jax.plan import plan_config
-from leapalign_jax.world import random_flux_config
+from leapalign_jax.world import lora_knobs, random_flux_config
 
 
 class ConfigError(ValueError):
@@ -20,13 +20,19 @@ class ConfigError(ValueError):
 def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # train | sample | evaluate | embed (FLUX.1 prompt embeddings) | plan (memory and speed
-    # of the train step compiled from shapes, before launch; knobs in config.plan)
+    # of the train step compiled from shapes, before launch; knobs in config.plan) |
+    # export (the newest EMA params, LoRA merged, as a diffusers folder and a BFL file)
     c.task = "train"
+    c.export_dir = ""  # task=export's local output folder ("" = DIR/export/step_<N>)
+    c.export_dtype = ""  # task=export casts every tensor to it (e.g. "bfloat16"; "" keeps)
     c.seed = 0  # every random stream derives from it by fold_in / named sub-seeds
     c.eval_name = ""  # task=evaluate writes DIR/eval/<eval_name>/ ("" = step_<N>)
 
     c.world = random_flux_config()  # generator, judges and prompts (see world.py)
     c.method = methods.default_config(method)  # the alignment method and its knobs
+    # LoRA adapters instead of full fine-tuning (off: the paper's default); knobs in
+    # world.lora_knobs and models/lora.py.
+    c.lora = lora_knobs()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5  # paper: AdamW lr 1e-5
@@ -88,8 +94,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, num_steps: i
 
     `data_parallel` is the mesh's data x fsdp size, `num_steps` the rollout length T.
     """
-    _check(config.task in ("train", "sample", "evaluate", "embed", "plan"),
-           f"config.task={config.task!r}: use train, sample, evaluate, embed or plan")
+    _check(config.task in ("train", "sample", "evaluate", "embed", "plan", "export"),
+           f"config.task={config.task!r}: use train, sample, evaluate, embed, plan or export")
     _check(config.task != "embed" or config.world.name == "flux",
            "config.task=embed precomputes FLUX.1 prompt embeddings; use it with "
            "configs/flux_dev.py (world flux)")

@@ -504,6 +504,7 @@ def build(config: ml_collections.ConfigDict) -> World:
                 "knobs": _result_knobs(wc)}
     return World(pipe=pipe, params=generator.params["transformer"],
                  param_axes=abstract_params(fcfg), frozen=frozen, train_batch=train_batch,
+                 model=fcfg,
                  eval_batch=eval_batch, fingerprint=identity, evaluate=evaluate_fn,
                  eval_prompts=list(grid_set.lookup(grid_ids)))
 

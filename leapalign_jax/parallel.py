@@ -148,3 +148,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays on `shardings` (a matching tree); arrays already there are kept.
+
+    Host arrays are built shard by shard from their host copy (every process passes the
+    same values, as `replicate` asks); arrays on devices are resharded by a jitted copy.
+    """
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            if x.sharding == sharding:
+                return x
+            if not x.is_fully_addressable:
+                return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)

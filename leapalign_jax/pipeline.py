@@ -84,6 +84,14 @@ class World:
         results.json under out_dir (worlds with a judge), or None.
       eval_prompts: the prompt text of each row of `eval_batch` (captions of the image
         grids), or None.
+      assemble: `(trainable, frozen) -> velocity params`, traced inside the jitted step;
+        None means the trainable params are the velocity's params. A LoRA world
+        (`world.with_lora`) trains adapters and assembles them with the frozen base here.
+      model: the generator's architecture (a `FluxConfig`), which `task=export` writes
+        with the weights; None for a world whose generator is not a Flux.
+      frozen_axes: logical axes (boxed abstract trees) of top-level `frozen` entries that
+        must be sharded like params (a LoRA world's frozen base); other frozen arrays are
+        replicated unless already on the mesh.
     """
 
     pipe: Pipeline
@@ -95,3 +103,10 @@ class World:
     fingerprint: dict
     evaluate: Callable[[Params, str], dict] | None = None
     eval_prompts: list[str] | None = None
+    assemble: Callable[[Params, Params], Params] | None = None
+    model: Any = None
+    frozen_axes: dict[str, Any] | None = None
+
+    def velocity_params(self, trainable: Params, frozen: Params) -> Params:
+        """The params `pipe.velocity` takes, from the trainable ones and the frozen tree."""
+        return trainable if self.assemble is None else self.assemble(trainable, frozen)

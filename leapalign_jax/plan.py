@@ -258,7 +258,8 @@ def jit_train_step(config: ml_collections.ConfigDict, world: World, mesh: jax.sh
         lambda x: parallel.batch_sharding(mesh) if len(x.shape) else parallel.replicated(mesh),
         batch)
     step_fn = jax.jit(
-        train.make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay),
+        train.make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay,
+                              config.optim.grad_clip, world.assemble),
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     args = (state, frozen, batch)

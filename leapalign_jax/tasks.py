@@ -1,4 +1,5 @@
-"""The tasks `main.py` dispatches on `config.task`: train, sample, evaluate, embed.
+"""The tasks `main.py` dispatches on `config.task`: train, sample, evaluate, embed, plan,
+export.
 
 Each task builds the world, then calls the trainer, the sampler or the world's evaluator.
 Inference tasks read only the EMA params of the newest checkpoint (`checkpoint.
@@ -10,16 +11,23 @@ console lines (one per evaluation, then the table).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from leapalign_jax import checkpoint, evaluate, flux_world, paths, plan, sampling, train
+from leapalign_jax.models import lora
+from leapalign_jax.weights import flux as flux_weights
 from leapalign_jax.pipeline import Params, World
 from leapalign_jax.world import build_world
 
-TASKS = ("train", "sample", "evaluate", "embed", "plan")
+TASKS = ("train", "sample", "evaluate", "embed", "plan", "export")
 
 
 def latest_params(config: ml_collections.ConfigDict, workdir: str, world: World,
@@ -84,7 +92,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     world = build_world(config)
     params, step = latest_params(config, workdir, world)
     mesh, _ = train.mesh_and_rules(config)
-    images = sampling.on_mesh(sampling.make_sample_fn(world.pipe), mesh, params, world.frozen,
+    images = sampling.on_mesh(sampling.make_sample_fn(world.pipe), mesh,
+                              world.velocity_params(params, world.frozen), world.frozen,
                               world.eval_batch, jax.random.key(config.seed))
     path = paths.join(workdir, "samples", f"{step:06d}.png")
     if paths.is_writer():
@@ -113,6 +122,66 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     return results
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes on a pod)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str | None]:
+    """Writes the newest EMA params as FLUX.1 weights: a diffusers `transformer/` folder
+    and a BFL `flux.safetensors`, both read by `weights.flux.load_flux` and diffusers.
+
+    LoRA adapters are merged into the base (`W + (alpha / r) A @ B`). The files go to
+    `config.export_dir` (default DIR/export/step_<N>), a local folder that must not exist
+    yet; they are written to a temporary folder beside it and renamed, so an interrupted
+    export leaves nothing half-written. A model diffusers cannot describe (mlp_ratio other
+    than 4) gets the BFL file only. Returns the paths written ("diffusers": None then).
+    """
+    world = build_world(config)
+    if world.model is None:
+        raise ValueError(f"world {config.world.name!r} has no Flux generator to export; "
+                         "use the random_flux, shapes or flux world")
+    params, step = latest_params(config, workdir, world)
+    if world.assemble is not None:
+        params = jax.jit(lambda p, f: lora.merge(f["base"], p, config.lora))(
+            params, world.frozen)
+    out = config.get("export_dir") or paths.join(workdir, "export", f"step_{step:06d}")
+    if paths.is_remote(out):
+        raise ValueError(f"export folder {out} is remote; set --config.export_dir to a local "
+                         "folder and copy it (gsutil -m cp -r) afterwards")
+    if os.path.exists(out):
+        raise FileExistsError(f"export folder {out} exists; move it away or set "
+                              "--config.export_dir to a new folder")
+    dtype = config.get("export_dtype") or None
+    host = jax.tree.map(_host, params)
+    written = {"diffusers": None, "bfl": os.path.join(out, "flux.safetensors")}
+    if paths.is_writer():
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        try:
+            flux_weights.save_flux_bfl(os.path.join(tmp, "flux.safetensors"), world.model,
+                                       host, dtype=dtype)
+            if world.model.mlp_ratio == 4.0:
+                flux_weights.save_flux_diffusers(os.path.join(tmp, "transformer"),
+                                                 world.model, host, dtype=dtype)
+                written["diffusers"] = os.path.join(out, "transformer")
+            else:
+                logging.warning("mlp_ratio %s has no diffusers FluxTransformer2DModel: "
+                                "wrote the BFL file only", world.model.mlp_ratio)
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        train.console(f"exported step {step} to {out}")
+    elif world.model.mlp_ratio == 4.0:
+        written["diffusers"] = os.path.join(out, "transformer")
+    paths.barrier("export")
+    return written
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Runs `config.task` in `workdir` (the config is already validated)."""
     if config.task == "train":
@@ -125,4 +194,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
         return flux_world.embed(config, workdir)
     if config.task == "plan":  # memory and speed of the train step, before launch
         return plan.run_plan(config)
+    if config.task == "export":  # merged weights as a diffusers folder and a BFL file
+        return export(config, workdir)
     raise ValueError(f"config.task={config.task!r}: use one of {TASKS}")

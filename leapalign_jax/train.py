@@ -77,11 +77,16 @@ class Hook:
 
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (the paper: lr 1e-5, betas 0.9/0.999, wd 1e-4)."""
+    """AdamW (the paper: lr 1e-5, betas 0.9/0.999, wd 1e-4) after global-norm clipping.
+
+    The clip is applied by `make_train_step` as one scalar factor fused with the non-finite
+    guard; `optax.identity()` holds its place so the optimizer state keeps the tree of
+    `chain(clip_by_global_norm, adamw)` (older checkpoints restore).
+    """
     lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps) \
         if optim.warmup_steps else optim.learning_rate
     return optax.chain(
-        optax.clip_by_global_norm(optim.grad_clip),
+        optax.identity(),
         optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay))
 
@@ -95,34 +100,55 @@ def create_train_state(params: Params, optimizer: optax.GradientTransformation,
 
 
 def make_train_step(pipe, method_cfg: ml_collections.ConfigDict,
-                    optimizer: optax.GradientTransformation, ema_decay: float
+                    optimizer: optax.GradientTransformation, ema_decay: float,
+                    grad_clip: float, assemble: Callable[[Params, Params], Params] | None = None
                     ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict]]:
     """`train_step(state, frozen, batch) -> (state, metrics)`, pure and unjitted.
 
-    A step whose loss or gradient is not finite leaves params, optimizer state and EMA
-    unchanged (the step counter still advances, so the data stream moves on) and is
-    counted in `nonfinite_run`.
+    Gradients are clipped to global norm `grad_clip`, then `optimizer` (`make_optimizer`)
+    updates the params and the EMA follows. A step whose loss or gradient is not finite
+    leaves params, optimizer state and EMA unchanged (the step counter still advances, so
+    the data stream moves on) and is counted in `nonfinite_run`. `assemble` (a LoRA
+    world's `World.assemble`) turns the trainable params, and the method's reference
+    params, into the velocity's params.
+
+    Memory: the clip is one scalar multiply (it fuses into the moment updates instead of
+    writing a clipped copy of the gradient) and the guard is a `lax.cond` (selects
+    between new and old moments would make XLA copy both moment trees of the donated
+    state); see benchmarks/results/cost.md.
     """
     loss_fn = methods.get_loss(method_cfg.name)
     cfg = ml_collections.FrozenConfigDict(method_cfg)
+    assemble = assemble or (lambda trainable, frozen: trainable)
+
+    def loss_of(trainable, frozen, batch, rng):
+        if "reference" in frozen:
+            frozen = dict(frozen, reference=assemble(frozen["reference"], frozen))
+        return loss_fn(assemble(trainable, frozen), frozen, batch, rng, pipe, cfg)
 
     def train_step(state: TrainState, frozen: Params, batch: Batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, batch, rng, pipe, cfg)
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params, frozen, batch, rng)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Zeroed gradients keep NaNs out of the optimizer moments of a skipped step.
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                           state.ema_params, params)
-        keep = lambda new, old: jax.tree.map(  # noqa: E731
-            lambda n, o: jnp.where(finite, n, o), new, old)
+        # Zero for a skipped step, so NaNs never reach the arithmetic below.
+        scale = jnp.where(finite, jnp.minimum(1.0, grad_clip / jnp.maximum(grad_norm, 1e-30)),
+                          0.0)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+        def update(carry):
+            params, ema, opt_state = carry
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            return params, ema, opt_state
+
+        params, ema, opt_state = jax.lax.cond(
+            finite, update, lambda carry: carry,
+            (state.params, state.ema_params, state.opt_state))
         state = state.replace(
-            step=state.step + 1, params=keep(params, state.params),
-            ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                        nonfinite=1.0 - finite.astype(jnp.float32))
@@ -206,12 +232,14 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def _frozen_with_reference(config, world: World, mesh, shardings: Any) -> tuple[Any, Any]:
+def place_frozen(config, world: World, mesh, rules, shardings: Any
+                           ) -> tuple[Any, Any]:
     """The frozen tree plus, when the method asks for it, the initial params as
     `frozen["reference"]`, sharded like the params.
 
-    Frozen arrays a world already placed on this mesh (a streamed VAE or T5) keep their
-    shards; everything else is replicated.
+    Entries named in `world.frozen_axes` (a LoRA world's base) are sharded by their logical
+    axes; other frozen arrays a world already placed on this mesh (a streamed VAE or T5)
+    keep their shards, and everything else is replicated.
     """
     def place(x):  # replicate() also copies single-device arrays onto a pod's mesh
         sharding = getattr(x, "sharding", None)
@@ -219,7 +247,11 @@ def _frozen_with_reference(config, world: World, mesh, shardings: Any) -> tuple[
             return x
         return parallel.replicate(x, mesh)
 
-    frozen = jax.tree.map(place, world.frozen)
+    axes = world.frozen_axes or {}
+    frozen = {k: v if k in axes else jax.tree.map(place, v) for k, v in world.frozen.items()}
+    for key, logical in axes.items():
+        frozen[key] = parallel.place(frozen[key],
+                                     parallel.logical_shardings(logical, mesh, rules))
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     if methods.needs_reference(config.method):
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
@@ -250,14 +282,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
     if restored is not None:
         state = restored[0]
         console(f"restored step {int(state.step)} from {workdir}")
-    frozen, frozen_sh = _frozen_with_reference(config, world, mesh, shardings)
+    frozen, frozen_sh = place_frozen(config, world, mesh, rules, shardings)
 
     rows = data.process_rows(tc.batch_size, parallel.batch_sharding(mesh))
     batch_sh = jax.tree.map(
         lambda x: parallel.batch_sharding(mesh) if np.ndim(x) else parallel.replicated(mesh),
         process_batch(world, 0, rows))
     step_fn = jax.jit(
-        make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay),
+        make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay,
+                        config.optim.grad_clip, world.assemble),
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     sample_fn = sampling.make_sample_fn(world.pipe)
@@ -308,8 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
                         writer.write_scalars(done, extra)
             if tc.image_every and (done % tc.image_every == 0 or last):
                 # Every process joins the sharded sampling; process 0 writes the grid.
-                images = sampling.on_mesh(sample_fn, mesh, state.ema_params, frozen,
-                                          world.eval_batch, jax.random.key(config.seed))
+                images = sampling.on_mesh(
+                    sample_fn, mesh, world.velocity_params(state.ema_params, frozen), frozen,
+                    world.eval_batch, jax.random.key(config.seed))
                 if process0:
                     grid = sampling.save_grid(
                         images, paths.join(workdir, "images", f"{done:06d}.png"),

@@ -18,12 +18,14 @@ import dataclasses
 import json
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from leapalign_jax import checkpoint, evaluate, flow, flux_world, parallel, sampling
+from leapalign_jax.models import lora
 from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import world as shapes_world
@@ -144,7 +146,7 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
         evaluate.write_eval(out_dir, np.asarray(images), records, results)
         return results
 
-    return World(pipe=pipe, params=params, param_axes=param_axes, frozen={},
+    return World(pipe=pipe, params=params, param_axes=param_axes, frozen={}, model=mc,
                  train_batch=train_batch, evaluate=evaluate_redness,
                  eval_prompts=eval_prompts, eval_batch=batch_of(eval_ids),
                  fingerprint={"world": "random_flux",
@@ -170,10 +172,62 @@ _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], World]] = {
 }
 
 
+def lora_knobs() -> ml_collections.ConfigDict:
+    """`config.lora`: train low-rank adapters instead of every weight (see models/lora.py).
+
+    Attributes:
+      enabled: False (the paper's full fine-tuning) or True: only the adapters are
+        trained, EMA'd and checkpointed; the base weights stay frozen, sharded like params.
+      rank, alpha, targets, dropout: as in `models.lora.lora_config`.
+    """
+    return lora.lora_config(enabled=False)
+
+
+def with_lora(world: World, cfg: ml_collections.ConfigDict, seed: int) -> World:
+    """`world` training LoRA adapters of its params, which become `frozen["base"]`.
+
+    The velocity runs on `lora.attach(base, adapters)` (`World.assemble`), evaluation on
+    the same, and the fingerprint gains the LoRA knobs. Abstract params (`jax.eval_shape`
+    leaves, as `task=plan` builds) give abstract adapters.
+
+    Raises:
+      ValueError: a world without logical param axes (not a Flux) or a bad LoRA config.
+    """
+    if world.param_axes is None:
+        raise ValueError("config.lora.enabled needs a Flux world with logical param axes "
+                         "(random_flux or flux); set config.lora.enabled=False")
+    if "base" in world.frozen:
+        raise ValueError("this world's frozen tree already has a 'base' entry; LoRA cannot "
+                         "be added to it")
+    knobs = {k: v for k, v in cfg.to_dict().items() if k != "enabled"}
+    boxed = lora.lora_abstract(world.param_axes, cfg)
+    if isinstance(jax.tree.leaves(world.params)[0], jax.ShapeDtypeStruct):
+        params = nn.meta.unbox(boxed)
+    else:
+        params = lora.init_lora(world.params, cfg, jax.random.fold_in(jax.random.key(seed), 7))
+    base = world.params
+
+    def assemble(adapters: Params, frozen: Params) -> Params:
+        return lora.attach(frozen["base"], adapters, cfg)
+
+    evaluate_fn = None
+    if world.evaluate is not None:
+        evaluate_fn = lambda adapters, out_dir: world.evaluate(  # noqa: E731
+            lora.attach(base, adapters, cfg), out_dir)
+    return dataclasses.replace(
+        world, params=params, param_axes=boxed, frozen=dict(world.frozen, base=base),
+        frozen_axes=dict(world.frozen_axes or {}, base=world.param_axes), assemble=assemble,
+        evaluate=evaluate_fn, fingerprint=dict(world.fingerprint, lora=knobs))
+
+
 def build_world(config: ml_collections.ConfigDict) -> World:
-    """The world named by `config.world.name`."""
+    """The world named by `config.world.name`, training LoRA adapters when
+    `config.lora.enabled`."""
     name = config.world.name
     if name not in _BUILDERS:
         raise ValueError(f"unknown world {name!r}; set config.world.name to one of "
                          f"{sorted(_BUILDERS)}")
-    return _BUILDERS[name](config)
+    world = _BUILDERS[name](config)
+    if config.get("lora") is not None and config.lora.enabled:
+        world = with_lora(world, config.lora, config.seed)
+    return world

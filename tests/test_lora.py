@@ -194,13 +194,14 @@ def test_gradient_reaches_adapters_only():
     adapters = lora.init_lora(base, CFG, jax.random.key(0))
     x = _inputs(CONFIG)
 
-    def loss(lora_params):
-        merged = lora.merge(base, lora_params, CFG)
+    def loss(lora_params, join):
+        params = join(base, lora_params, CFG)
         return jnp.sum(jnp.sin(_jitted_apply(CONFIG)(
-            {"params": merged}, x["img"], x["img_ids"][None].repeat(B, 0), x["txt"],
+            {"params": params}, x["img"], x["img_ids"][None].repeat(B, 0), x["txt"],
             x["txt_ids"][None].repeat(B, 0), x["timesteps"], x["y"], x["guidance"])))
 
-    grad_fn = jax.jit(jax.grad(loss))
+    grad_fn = jax.jit(jax.grad(functools.partial(loss, join=lora.attach)))
+    merged_grad_fn = jax.jit(jax.grad(functools.partial(loss, join=lora.merge)))
     grad = grad_fn(adapters)
     # The gradient is a tree of adapters only: nothing for the frozen base.
     assert jax.tree.structure(grad) == jax.tree.structure(adapters)
@@ -211,8 +212,50 @@ def test_gradient_reaches_adapters_only():
             assert np.abs(g).max() > 1e-6, path
         else:  # dL/dA = dL/dW' B^T = 0 while B = 0
             assert not np.any(g), path
-    grad = grad_fn(_perturbed(adapters))
+    perturbed = _perturbed(adapters)
+    grad = grad_fn(perturbed)
     assert all(np.abs(g).max() > 1e-6 for g in jax.tree.leaves(grad))
+    # The low-rank path x @ W + (x @ A) @ B (what training runs) has the merged model's
+    # value and gradient.
+    np.testing.assert_allclose(loss(perturbed, lora.attach), loss(perturbed, lora.merge),
+                               rtol=1e-5)
+    jax.tree.map(lambda g, m: np.testing.assert_allclose(g, m, rtol=2e-3,
+                                                         atol=2e-4 * np.abs(m).max()),
+                 grad, merged_grad_fn(perturbed))
+
+
+def test_attached_adapters_never_form_a_full_kernel_gradient():
+    """The attached forward's gradient program holds no kernel-sized buffer of the frozen
+    base: its largest gradient intermediate is far below the kernels' total size."""
+    base = _random_params(CONFIG)
+    adapters = _perturbed(lora.init_lora(base, CFG, jax.random.key(0)))
+    x = _inputs(CONFIG)
+
+    def loss(lora_params, join):
+        params = join(base, lora_params, CFG)
+        return jnp.sum(Flux(CONFIG).apply(
+            {"params": params}, x["img"], x["img_ids"][None].repeat(B, 0), x["txt"],
+            x["txt_ids"][None].repeat(B, 0), x["timesteps"], x["y"], x["guidance"]) ** 2)
+
+    kernels = {tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(base).items()
+               if k[-1] == "kernel" and k[0].startswith(("double", "single"))}
+
+    def dot_output_shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(eqn.outvars[0].aval.shape)
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        yield from dot_output_shapes(inner)
+
+    def kernel_shaped_outputs(join):
+        jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, join=join)))(adapters)
+        return sum(s in kernels for s in dot_output_shapes(jaxpr.jaxpr))
+
+    assert kernel_shaped_outputs(lora.merge) > 0  # merging forms dL/dW' of every kernel
+    assert kernel_shaped_outputs(lora.attach) == 0
 
 
 def test_abstract_axes_and_shardings():

@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent(r"""
         sh = train.state_shardings(world, opt, mesh, parallel.DEFAULT_RULES)
         state = jax.jit(lambda p: train.create_train_state(p, opt, 0), out_shardings=sh)(
             world.params)
-        step = jax.jit(train.make_train_step(pipe, config.method, opt, 0.9))
+        step = jax.jit(train.make_train_step(pipe, config.method, opt, 0.9, 1.0))
         state, metrics = step(state, {}, parallel.shard_batch(batch, mesh))
         states[name] = jax.device_get(state.params)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
@@ -85,6 +85,31 @@ SCRIPT = textwrap.dedent(r"""
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                          states["one"], jax.device_get(world.params)))
     out["train_step"] = dict(max_diff=max(diffs), max_moved=max(moved))
+
+    # LoRA: the frozen base sharded like the params; one step equals one device's.
+    config.lora.update(dict(enabled=True, rank=4))
+    config.optim.learning_rate = 1e-3
+    lw = build_world(config)
+    states, base_shards = {}, {}
+    for name, devs, shape in [("one", jax.devices()[:1], (1, 1, 1)),
+                              ("eight", jax.devices(), (2, 2, 2))]:
+        mesh = parallel.make_mesh(shape, devs)
+        opt = train.make_optimizer(config.optim)
+        sh = train.state_shardings(lw, opt, mesh, parallel.DEFAULT_RULES)
+        state = jax.jit(lambda p: train.create_train_state(p, opt, 0), out_shardings=sh)(
+            lw.params)
+        frozen, _ = train.place_frozen(config, lw, mesh, parallel.DEFAULT_RULES, sh)
+        step = jax.jit(train.make_train_step(lw.pipe, config.method, opt, 0.9, 1.0,
+                                             lw.assemble))
+        state, _ = step(state, frozen, parallel.shard_batch(batch, mesh))
+        states[name] = jax.device_get(state.params)
+        kernel = frozen["base"]["double_blocks_0"]["img_attn"]["qkv"]["kernel"]
+        base_shards[name] = list(kernel.addressable_shards[0].data.shape)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         states["one"], states["eight"]))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         states["one"], jax.device_get(lw.params)))
+    out["lora_step"] = dict(max_diff=max(diffs), max_moved=max(moved), base_shards=base_shards)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -103,6 +128,10 @@ def test_sharded_forward_rollout_and_step_match_one_device():
     step = result["train_step"]
     assert step["max_moved"] > 1e-6, step  # the step did update the params
     assert step["max_diff"] < 1e-5, step
+    lora_step = result["lora_step"]
+    assert lora_step["max_moved"] > 1e-6 and lora_step["max_diff"] < 1e-5, lora_step
+    # qkv kernel (embed 64, 3, heads 4, 16): split by fsdp over embed, tensor over heads.
+    assert lora_step["base_shards"] == {"one": [64, 3, 4, 16], "eight": [32, 3, 2, 16]}
 
 
 TENSOR_SCRIPT = textwrap.dedent(r"""

@@ -37,12 +37,13 @@ def trainer_compiled(config):
     shardings = train.state_shardings(world, optimizer, mesh, rules)
     state = jax.jit(lambda p: train.create_train_state(p, optimizer, config.seed),
                     out_shardings=shardings)(world.params)
-    frozen, frozen_sh = train._frozen_with_reference(config, world, mesh, shardings)
+    frozen, frozen_sh = train.place_frozen(config, world, mesh, rules, shardings)
     batch_sh = jax.tree.map(
         lambda x: parallel.batch_sharding(mesh) if np.ndim(x) else parallel.replicated(mesh),
         world.train_batch(0))
     step_fn = jax.jit(
-        train.make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay),
+        train.make_train_step(world.pipe, config.method, optimizer, config.optim.ema_decay,
+                              config.optim.grad_clip, world.assemble),
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     batch = parallel.shard_batch(world.train_batch(0), mesh)

@@ -31,7 +31,7 @@ def test_reference_is_a_copy_of_the_initial_params_sharded_like_them():
     world = build_world(config)
     mesh, rules = train.mesh_and_rules(config)
     shardings = train.state_shardings(world, train.make_optimizer(config.optim), mesh, rules)
-    frozen, frozen_sh = train._frozen_with_reference(config, world, mesh, shardings)
+    frozen, frozen_sh = train.place_frozen(config, world, mesh, rules, shardings)
     for ref, init, sh, want in zip(jax.tree.leaves(frozen["reference"]),
                                    jax.tree.leaves(world.params),
                                    jax.tree.leaves(frozen_sh["reference"]),
@@ -40,4 +40,4 @@ def test_reference_is_a_copy_of_the_initial_params_sharded_like_them():
         assert ref.sharding == want and sh == want
     config.method.kl_coef = 0.0
     assert not methods.needs_reference(config.method)
-    assert "reference" not in train._frozen_with_reference(config, world, mesh, shardings)[0]
+    assert "reference" not in train.place_frozen(config, world, mesh, rules, shardings)[0]

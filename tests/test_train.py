@@ -145,7 +145,7 @@ def test_nonfinite_step_leaves_state_unchanged():
     state = train.create_train_state(world.params, opt, 0)
     batch = world.train_batch(0)
     batch["cond"]["y"] = batch["cond"]["y"] * np.nan
-    step = jax.jit(train.make_train_step(world.pipe, config.method, opt, 0.9))
+    step = jax.jit(train.make_train_step(world.pipe, config.method, opt, 0.9, 1.0))
     new, metrics = step(state, world.frozen, batch)
     assert float(metrics["nonfinite"]) == 1.0 and int(new.nonfinite_run) == 1
     assert int(new.step) == 1

@@ -142,12 +142,9 @@ def tiny_config(**overrides: Any) -> FluxConfig:
 
 
 def _dense(features: int, axes: tuple[str | None, str | None], *, dtype: Any,
-           name: str | None = None, use_bias: bool = True) -> nn.Dense:
-    """A Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+           name: str | None = None, use_bias: bool = True) -> "DenseGeneral":
+    """A Dense (kernel (in, out), bias (out,)) with logical axis names and LoRA support."""
+    return DenseGeneral((features,), axes, 1, use_bias, dtype, name=name)
 
 
 def _flat_lecun_normal(in_dims: int) -> Any:
@@ -161,6 +158,9 @@ def _flat_lecun_normal(in_dims: int) -> Any:
 
 class DenseGeneral(nn.Module):
     """`y = x @ W + b` contracting the last `in_dims` dims of x with a kernel (in..., out...).
+
+    When the params hold `lora_a` (in..., r) and `lora_b` (r, out...) beside the kernel
+    (`models.lora.attach`), it computes `x @ W + (x @ A) @ B + b`.
 
     Unlike `nn.DenseGeneral`, the kernel is created in its own shape (flax's version boxes
     a flattened kernel with the full-rank names, which fails under a mesh).
@@ -185,8 +185,15 @@ class DenseGeneral(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_flat_lecun_normal(n),
                                                                     self.axes),
                             tuple(x.shape[-n:]) + tuple(self.features), jnp.float32)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        contract = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), contract)
+        if self.has_variable("params", "lora_a"):
+            # Adapters attached by `lora.attach` (B pre-scaled by alpha / r): the low-rank
+            # path x @ A @ B, so a frozen kernel never gets a full-size gradient.
+            a = self.get_variable("params", "lora_a").astype(self.dtype)
+            b = self.get_variable("params", "lora_b").astype(self.dtype)
+            y = y + jnp.tensordot(jax.lax.dot_general(x.astype(self.dtype), a, contract), b,
+                                  axes=1)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), self.axes[n:]), tuple(self.features), jnp.float32)

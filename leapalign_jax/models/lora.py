@@ -13,9 +13,12 @@ like the kernel they adapt (A takes W's input axis names, B its output ones), so
 split of the heads stays by whole heads.
 
 B starts at zero, so the adapted model starts equal to the base. Training differentiates
-only the adapters through the pure merge:
+only the adapters: `attach` puts each adapter beside its kernel and the model computes
+`x @ W + (x @ A) @ B` (no merged kernel, no full-size gradient):
 
-    loss(lora) = f(velocity(merge(base, lora, cfg), ...))     # base frozen
+    loss(lora) = f(velocity(attach(base, lora, cfg), ...))     # base frozen
+
+`merge` forms `W + (alpha / r) A @ B` for export.
 
 The tree mirrors the model's module paths: `double_blocks_0/img_attn/qkv/{lora_a, lora_b}`
 adapts `double_blocks_0/img_attn/qkv/kernel`.
@@ -169,32 +172,58 @@ def delta(lora_a: jax.Array, lora_b: jax.Array, alpha: float) -> jax.Array:
     return (alpha / rank) * product
 
 
-def merge(params: Params, lora_params: Params, cfg: Any) -> Params:
-    """`params` with every adapted kernel replaced by `W + (alpha / r) * A @ B`.
-
-    Pure and jittable: the trainer calls `velocity(merge(base, lora, cfg), ...)` and
-    differentiates only `lora`. Kernels keep their dtype. Export merged params with
-    `weights.flux.save_flux_bfl` / `save_flux_diffusers`.
-
-    Raises:
-      ValueError: an adapter whose kernel is not in `params` or whose shapes do not fit it.
-    """
+def _adapted(params: Params, lora_params: Params, cfg: Any):
+    """(flat params, [(kernel path, A, B)]) after checking every adapter fits its kernel."""
     flat = dict(flax.traverse_util.flatten_dict(params))
     adapters = flax.traverse_util.flatten_dict(lora_params)
-    modules = sorted({path[:-1] for path in adapters})
-    for module in modules:
+    out = []
+    for module in sorted({path[:-1] for path in adapters}):
         kernel_path = module + ("kernel",)
         a, b = adapters.get(module + ("lora_a",)), adapters.get(module + ("lora_b",))
         if kernel_path not in flat or a is None or b is None:
             raise ValueError(f"LoRA adapter {'/'.join(module)} has no kernel in params (or "
                              "lacks lora_a / lora_b); init the adapters from these params")
-        kernel = flat[kernel_path]
-        update = delta(a, b, cfg.alpha)
-        if update.shape != kernel.shape:
+        shape = tuple(a.shape[:-1]) + tuple(b.shape[1:])
+        if shape != tuple(flat[kernel_path].shape) or a.shape[-1] != b.shape[0]:
             raise ValueError(f"LoRA adapter {'/'.join(module)}: A @ B has shape "
-                             f"{update.shape}, the kernel {kernel.shape}; init the adapters "
-                             "from these params")
-        flat[kernel_path] = (kernel + update).astype(kernel.dtype)
+                             f"{shape}, the kernel {tuple(flat[kernel_path].shape)}; init the "
+                             "adapters from these params")
+        out.append((kernel_path, a, b))
+    return flat, out
+
+
+def attach(params: Params, lora_params: Params, cfg: Any) -> Params:
+    """`params` with each adapter placed beside its kernel, B scaled by alpha / r.
+
+    The Flux `DenseGeneral` then computes `x @ W + (x @ A) @ B` without forming the
+    merged kernel, so differentiating `velocity(attach(base, lora, cfg), ...)` with respect
+    to `lora` touches only rank-r buffers. This is how the trainer runs a LoRA world
+    (`World.assemble`).
+
+    Raises:
+      ValueError: an adapter whose kernel is not in `params` or whose shapes do not fit it.
+    """
+    flat, adapted = _adapted(params, lora_params, cfg)
+    for kernel_path, a, b in adapted:
+        module = kernel_path[:-1]
+        flat[module + ("lora_a",)] = a
+        flat[module + ("lora_b",)] = (cfg.alpha / a.shape[-1]) * b
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def merge(params: Params, lora_params: Params, cfg: Any) -> Params:
+    """`params` with every adapted kernel replaced by `W + (alpha / r) * A @ B`.
+
+    Pure and jittable; kernels keep their dtype. `task=export` writes merged params with
+    `weights.flux.save_flux_bfl` / `save_flux_diffusers`.
+
+    Raises:
+      ValueError: an adapter whose kernel is not in `params` or whose shapes do not fit it.
+    """
+    flat, adapted = _adapted(params, lora_params, cfg)
+    for kernel_path, a, b in adapted:
+        kernel = flat[kernel_path]
+        flat[kernel_path] = (kernel + delta(a, b, cfg.alpha)).astype(kernel.dtype)
     return flax.traverse_util.unflatten_dict(flat)
 
 

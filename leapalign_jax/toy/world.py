@@ -213,6 +213,7 @@ def build(config: ml_collections.ConfigDict) -> World:
 
     return World(pipe=pipe, params=models["generator"]["flux"], param_axes=param_axes,
                  frozen=frozen, train_batch=train_batch, eval_batch=batch_of(grid),
+                 model=flux.config,
                  eval_prompts=[p.text for p in grid],
                  fingerprint={"world": "shapes", "model": wc.model.to_dict(),
                               "prompt_file": wc.prompt_file,
