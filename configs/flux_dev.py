@@ -38,6 +38,9 @@ The variant after ':' is a comma-separated list:
 - a method name picks another method on the same world and budget (`:refl`);
 - "hpsv21": train on HPSv2.1 with alpha 0.3 and hinge 0.55 (the paper's main run);
 - "pickscore": train on PickScore with alpha 0.1 and hinge 0.4;
+- "lora": train rank-64 LoRA adapters of every attention and MLP kernel (alpha 64, lr
+  1e-4) with the base frozen in bfloat16 and sharded like params; `task=export` then
+  writes the merged weights (`configs/flux_dev.py:hpsv21,lora`);
 - "tiny": a tiny random FLUX.1 folder, a tiny checkpoint of every judge and prompts written
   into `world.cache_dir` (no torch), everything through the real loaders on CPU in about a
   minute; combines with the others (`configs/flux_dev.py:hpsv21,tiny`).
@@ -61,7 +64,7 @@ RUNS = {
 def get_config(variant: str | None = None):
     parts = [p for p in (variant or "").split(",") if p]
     runs = [p for p in parts if p in RUNS]
-    methods = [p for p in parts if p != "tiny" and p not in RUNS]
+    methods = [p for p in parts if p not in ("tiny", "lora") and p not in RUNS]
     if len(runs) > 1:
         raise ValueError(f"configs/flux_dev.py:{variant}: pick one of {sorted(RUNS)}")
     config = base_config(methods[0] if methods else "leapalign")
@@ -84,6 +87,10 @@ def get_config(variant: str | None = None):
     config.sample.prompt_file = ""
     if runs:
         paper_run(config, **RUNS[runs[0]])
+    if "lora" in parts:
+        config.lora.update(dict(enabled=True, rank=64, alpha=64.0))
+        config.world.param_dtype = "bfloat16"  # the frozen base; adapters stay float32
+        config.optim.learning_rate = 1e-4
     return tiny(config, keep_hinge=bool(runs)) if "tiny" in parts else config
 
 

@@ -102,7 +102,14 @@ def flux_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"  # compute dtype of the transformer, encoders and VAE
     c.param_dtype = "float32"  # master params of the trained transformer (bf16 files upcast)
     c.frozen_dtype = "bfloat16"  # params of the frozen T5, CLIP, VAE and reward
-    c.remat = "dots_saveable"  # transformer block remat: none | full | dots_saveable
+    # Transformer block remat: none | full | dots_saveable | offload. "full" because
+    # FLUX.1-dev at 720x720, batch 4 per device, needs ~114 GiB per device with
+    # dots_saveable and ~21 GiB with full (benchmarks/results/plan.md).
+    c.remat = "full"
+    # One nn.scan per block kind (models/flux.py FluxConfig.scan_blocks): task=plan compiles
+    # FLUX.1-dev's whole step in minutes with it. Training this world needs the per-block
+    # layout the streaming loader writes, so only task=plan accepts True.
+    c.scan_blocks = False
     c.vae_remat = "full"  # VAE decoder block remat (the decoder is differentiated)
     # The training reward: a judge name or a weighted sum "name:w,name:w" (e.g.
     # "hpsv21:1.0,pickscore:0.05"); each judge is read from judges.<name> below.
@@ -377,6 +384,9 @@ def _result_knobs(wc: ml_collections.ConfigDict) -> dict[str, Any]:
 def build(config: ml_collections.ConfigDict) -> World:
     """The flux world of `config` (weights streamed onto the mesh of `config.mesh`)."""
     wc = config.world
+    if wc.get("scan_blocks"):
+        raise ValueError("config.world.scan_blocks=True is for task=plan only (the streaming "
+                         "loader writes per-block params); set it to False")
     src = sources(wc)
     folder = src.checkpoint
     mesh, rules = parallel.make_mesh(config.mesh.shape), _rules(config)

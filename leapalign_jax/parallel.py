@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("act_embed", None),
+    ("layers", None),  # the stacked block axis of a `scan_blocks` Flux
 )
 
 

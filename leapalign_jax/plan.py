@@ -62,7 +62,7 @@ import numpy as np
 from leapalign_jax import flow, methods, parallel, train
 from leapalign_jax.models.flux import FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, abstract_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
-from leapalign_jax.world import flux_velocity
+from leapalign_jax.world import flux_velocity, with_lora
 
 GIB = 2 ** 30
 # XLA options for compiling a step that is analysed, never run (CPU backend only).
@@ -161,7 +161,7 @@ def model_config(config: ml_collections.ConfigDict) -> FluxConfig:
     """The Flux architecture of the plan: the checkpoint's header, a preset, or world.model.
 
     The "flux" world: `world.checkpoint`'s transformer/config.json when it exists, else
-    FLUX.1-dev (or `plan.model`), with the world's dtype and remat.
+    FLUX.1-dev (or `plan.model`), with the world's dtype, remat and scan_blocks.
     """
     wc = config.world
     geometry(config)  # a world the plan knows
@@ -171,13 +171,14 @@ def model_config(config: ml_collections.ConfigDict) -> FluxConfig:
                          "or '' for the world's model")
     from leapalign_jax.weights.flux import read_flux_config
     if wc.name == "flux":
-        keep = {"dtype": wc.dtype, "remat": wc.remat}
+        keep = {"dtype": wc.dtype, "remat": wc.remat, "scan_blocks": wc.get("scan_blocks", False)}
         folder = os.path.join(wc.checkpoint, "transformer") if wc.checkpoint else ""
         if folder and os.path.isdir(folder) and not preset:
             return dataclasses.replace(read_flux_config(folder), **keep)
         return dataclasses.replace(PRESETS[preset or "flux-dev"], **keep)
     knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.model.to_dict().items()}
-    keep = {"dtype": knobs.get("dtype", "float32"), "remat": knobs.get("remat", "none")}
+    keep = {"dtype": knobs.get("dtype", "float32"), "remat": knobs.get("remat", "none"),
+            "scan_blocks": knobs.get("scan_blocks", False)}
     if wc.get("init_weights"):
         axes = None if wc.get("init_axes_dim") is None else tuple(wc.init_axes_dim)
         return dataclasses.replace(read_flux_config(wc.init_weights, axes_dim=axes), **keep)
@@ -202,7 +203,8 @@ def standin_reward(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array
 
 
 def abstract_world(config: ml_collections.ConfigDict, mc: FluxConfig) -> World:
-    """A World whose params are shapes only, with the Flux velocity and stand-in judges."""
+    """A World whose params are shapes only (at `world.param_dtype`), with the Flux velocity
+    and stand-in judges; LoRA adapters when `config.lora.enabled`."""
     g = geometry(config)
     seq = g.height_tokens * g.width_tokens
     boxed = abstract_params(mc)
@@ -212,8 +214,14 @@ def abstract_world(config: ml_collections.ConfigDict, mc: FluxConfig) -> World:
                                g.guidance if mc.guidance_embed else None),
         decode=standin_decode, reward=standin_reward,
         sigmas=flow.flux_sigmas(g.num_steps, seq), latent_shape=(seq, mc.in_channels))
-    return World(pipe=pipe, params=jax.tree.map(_sds, _unbox(boxed)), param_axes=boxed,
-                 frozen={}, train_batch=None, eval_batch=None, fingerprint={})
+    dtype = jnp.dtype(config.world.get("param_dtype") or "float32")
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), _unbox(boxed))
+    world = World(pipe=pipe, params=params, param_axes=boxed, frozen={}, train_batch=None,
+                  eval_batch=None, fingerprint={}, model=mc)
+    if config.get("lora") is not None and config.lora.enabled:
+        # Adapters trained; the base frozen at world.param_dtype, sharded like params.
+        world = with_lora(world, config.lora, config.seed)
+    return world
 
 
 def abstract_batch(mc: FluxConfig, batch: int, text_len: int) -> Batch:
@@ -241,8 +249,9 @@ def jit_train_step(config: ml_collections.ConfigDict, world: World, mesh: jax.sh
     """The trainer's jitted step and its abstract arguments `(state, frozen, batch)`.
 
     The same construction as `train.train_and_evaluate`: state shardings from the params'
-    logical axes, frozen tree replicated (plus the reference params sharded like the params
-    when the method reads them), batch leaves split over the data-parallel axes, the state
+    logical axes, frozen tree replicated except `world.frozen_axes` entries (a LoRA base,
+    sharded by its axes), plus the reference params sharded like the params when the
+    method reads them, batch leaves split over the data-parallel axes, the state
     donated.
     """
     optimizer = train.make_optimizer(config.optim)
@@ -250,7 +259,10 @@ def jit_train_step(config: ml_collections.ConfigDict, world: World, mesh: jax.sh
     state = jax.eval_shape(lambda p: train.create_train_state(p, optimizer, config.seed),
                            world.params)
     frozen = jax.tree.map(_sds, world.frozen)
-    frozen_sh = jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
+    frozen_sh = {k: jax.tree.map(lambda _: parallel.replicated(mesh), v)
+                 for k, v in frozen.items()}
+    for key, logical in (world.frozen_axes or {}).items():  # a LoRA world's base
+        frozen_sh[key] = parallel.logical_shardings(logical, mesh, rules)
     if methods.needs_reference(config.method):
         frozen = dict(frozen, reference=jax.tree.map(_sds, world.params))
         frozen_sh = dict(frozen_sh, reference=shardings.params)
@@ -392,11 +404,13 @@ def block_activation_elems(mc: FluxConfig, tokens: int, policy: str) -> tuple[fl
     MLP input, MLP hidden before and after GELU, the two gated branches), ~8h + 2m in a
     single block, plus the H x N^2 attention probabilities (XLA's attention, no flash
     kernel); `dots_saveable` keeps matmul outputs (qkv, projections, MLP hidden, logits);
-    `full` keeps only the block input, N x h.
+    `full` keeps only the block input, N x h, and so does `offload` on the device (its
+    weight-matmul outputs, about `dots_saveable` less the attention terms, sit in host
+    memory).
     """
     h, m, heads, n = mc.hidden_size, mc.mlp_hidden_dim, mc.num_heads, tokens
     attn = heads * n * n
-    if policy == "full":
+    if policy in ("full", "offload"):  # offload: the matmul outputs wait in host memory
         return n * h, n * h
     if policy == "dots_saveable":
         return n * (6 * h + m) + attn, n * (5 * h + m) + attn
@@ -594,6 +608,9 @@ def _plan_here(config: ml_collections.ConfigDict, shape: list[int]) -> dict:
         "batch": batch, "batch_per_device": per_device,
         "image_tokens": g.height_tokens * g.width_tokens, "text_tokens": g.text_len,
         "num_steps": world.pipe.num_steps, "param_count": param_count,
+        "frozen_param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(
+            world.frozen.get("base", {})))),
+        "lora_rank": int(config.lora.rank) if world.assemble is not None else 0,
         "live_gradient_calls": [calls, why],
         "remat_knob": ("config.world.remat" if config.world.name == "flux"
                        else "config.world.model.remat"),
@@ -700,9 +717,13 @@ def format_plan(plan: dict) -> str:
                 f"the blocks to {m['depth']}+{m['depth_single_blocks']} (state shards "
                 "exact from the full model's shapes; the extrapolated ones were off by "
                 f"{c['extrapolation_error_bytes'] / 2 ** 20:.2f} MiB)")
+    size = f"{plan['param_count'] / 1e9:.3f}B params"
+    if plan.get("lora_rank"):
+        size = (f"{plan['frozen_param_count'] / 1e9:.2f}B frozen params; LoRA rank "
+                f"{plan['lora_rank']}: {plan['param_count'] / 1e9:.3f}B trainable")
     lines = [
         f"**{plan['method']}**, Flux {m['depth']}+{m['depth_single_blocks']} blocks, hidden "
-        f"{m['hidden_size']} ({plan['param_count'] / 1e9:.3f}B params), {m['dtype']}, remat "
+        f"{m['hidden_size']} ({size}), {m['dtype']}, remat "
         f"{m['remat']}; {plan['image_tokens']} image + {plan['text_tokens']} text tokens, "
         f"T = {plan['num_steps']}, batch {plan['batch']} ({plan['batch_per_device']} per "
         f"device, {how}); mesh (data, fsdp, tensor) = {mesh} on {plan['devices']} devices; "
@@ -710,7 +731,7 @@ def format_plan(plan: dict) -> str:
         "",
         "| per device (GiB) | compiled | analytic |",
         "|---|---:|---:|",
-        f"| params (fp32) | {_g(c['params'])} | {_g(a['params'])} |",
+        f"| trainable params (fp32) | {_g(c['params'])} | {_g(a['params'])} |",
         f"| optimizer (Adam moments) | {_g(c['optimizer'])} | {_g(a['optimizer'])} |",
         f"| EMA | {_g(c['ema'])} | {_g(a['ema'])} |",
         f"| gradients | in temp | {_g(a['gradients'])} |",

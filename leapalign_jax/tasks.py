@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from leapalign_jax import checkpoint, evaluate, flux_world, paths, plan, sampling, train
 from leapalign_jax.models import lora
+from leapalign_jax.models.flux import unstack_blocks
 from leapalign_jax.weights import flux as flux_weights
 from leapalign_jax.pipeline import Params, World
 from leapalign_jax.world import build_world
@@ -147,6 +148,8 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str | N
     if world.assemble is not None:
         params = jax.jit(lambda p, f: lora.merge(f["base"], p, config.lora))(
             params, world.frozen)
+    if world.model.scan_blocks:
+        params = unstack_blocks(params, world.model)
     out = config.get("export_dir") or paths.join(workdir, "export", f"step_{step:06d}")
     if paths.is_remote(out):
         raise ValueError(f"export folder {out} is remote; set --config.export_dir to a local "

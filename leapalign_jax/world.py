@@ -26,7 +26,8 @@ import numpy as np
 
 from leapalign_jax import checkpoint, evaluate, flow, flux_world, parallel, sampling
 from leapalign_jax.models import lora
-from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
+from leapalign_jax.models.flux import (Flux, FluxConfig, abstract_params, init_params,
+                                       stack_blocks)
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import world as shapes_world
 from leapalign_jax.weights.flux import load_flux
@@ -53,7 +54,8 @@ def random_flux_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32, mlp_ratio=2.0,
         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), theta=10000,
-        qkv_bias=True, guidance_embed=True, dtype="float32", remat="none"))
+        qkv_bias=True, guidance_embed=True, dtype="float32", remat="none",
+        scan_blocks=False))
     return c
 
 
@@ -91,7 +93,10 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
     if wc.init_weights:
         axes = None if wc.init_axes_dim is None else tuple(wc.init_axes_dim)
         file_config, loaded = load_flux(wc.init_weights, axes_dim=axes)
-        knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"])
+        knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"],
+                     scan_blocks=knobs["scan_blocks"])
+        if knobs["scan_blocks"]:
+            loaded = stack_blocks(loaded, file_config)
     model = Flux(FluxConfig(**knobs))
     mc = model.config
     seq = wc.latent_hw * wc.latent_hw
@@ -196,6 +201,9 @@ def with_lora(world: World, cfg: ml_collections.ConfigDict, seed: int) -> World:
     if world.param_axes is None:
         raise ValueError("config.lora.enabled needs a Flux world with logical param axes "
                          "(random_flux or flux); set config.lora.enabled=False")
+    if getattr(world.model, "scan_blocks", False):
+        raise ValueError("LoRA adapts the per-block layout; set scan_blocks=False "
+                         "(config.world.model.scan_blocks / config.world.scan_blocks)")
     if "base" in world.frozen:
         raise ValueError("this world's frozen tree already has a 'base' entry; LoRA cannot "
                          "be added to it")

@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from leapalign_jax.models.flux import FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, tiny_config
+from leapalign_jax.models.flux import (FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, abstract_params,
+                                       stack_blocks, tiny_config, unstack_blocks)
 from leapalign_jax.weights.flux import bfl_shapes, load_flux, read_flux_config, save_flux_bfl
 
 B, H, W, S = 2, 3, 4, 5  # batch, latent rows, latent cols, text tokens
@@ -162,11 +163,42 @@ def test_remat_same_output_and_gradient():
 
     value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "none")
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) > 0
-    for remat in ("full", "dots_saveable"):
+    for remat in ("full", "dots_saveable", "offload"):
         value_r, grad_r = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
         np.testing.assert_allclose(value_r, value, rtol=1e-5)
         for g, g_r in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_r)):
             np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_blocks_equal_the_unrolled_model():
+    """`scan_blocks`: stacked params, the same output and gradient, "layers" axis names,
+    and a program with one block of each kind instead of depth of them."""
+    config = tiny_config(depth=3, depth_single_blocks=2, remat="full")
+    scanned = dataclasses.replace(config, scan_blocks=True)
+    params = jax.tree.map(jnp.asarray, _random_params(config))
+    stacked = stack_blocks(params, config)
+    assert jax.tree.structure(stacked) == jax.tree.structure(
+        nn.meta.unbox(abstract_params(scanned)))
+    jax.tree.map(np.testing.assert_array_equal, unstack_blocks(stacked, config), params)
+    spec = nn.get_partition_spec(abstract_params(scanned))
+    assert spec["double_blocks"]["block"]["img_attn"]["qkv"]["kernel"] == \
+        jax.sharding.PartitionSpec("layers", "embed", None, "heads", "kv")
+    x = _inputs(config, np.random.default_rng(3))
+
+    def loss(p, cfg):
+        return jnp.sum(jnp.sin(_apply(cfg, p, x)))
+
+    value, grad = jax.value_and_grad(loss)(params, config)
+    value_s, grad_s = jax.value_and_grad(loss)(stacked, scanned)
+    np.testing.assert_allclose(value_s, value, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 unstack_blocks(grad_s, config), grad)
+
+    def dots(cfg, p):
+        text = jax.jit(functools.partial(loss, cfg=cfg)).lower(p).as_text()
+        return text.count("dot_general")
+
+    assert dots(scanned, stacked) < dots(config, params) / 2
 
 
 # ----------------------------------------------------------------------------- parity

@@ -68,6 +68,25 @@ def test_plan_equals_the_trainers_compiled_step(tiny_plan):
         + c["frozen"] - c["arguments"] == 2 * 4
 
 
+def test_lora_plan_equals_the_trainers_compiled_step():
+    """With LoRA the plan compiles the trainer's adapter step: adapters in the state, the
+    base in the frozen tree, the same buffers as the step the trainer compiles."""
+    config = tiny_config()
+    config.lora.update(dict(enabled=True, rank=2))
+    lora_plan = plan.compute_plan(config)
+    world, compiled = trainer_compiled(config)
+    mem = compiled.memory_analysis()
+    c = lora_plan["compiled"]
+    assert (c["arguments"], c["output"], c["alias"], c["temp"]) == (
+        mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+        mem.temp_size_in_bytes)
+    adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(world.params))
+    base = sum(math.prod(x.shape) for x in jax.tree.leaves(world.frozen["base"]))
+    assert lora_plan["param_count"] == adapters < base / 3
+    assert c["params"] == c["ema"] == 4 * adapters
+    assert c["frozen"] == 4 * base
+
+
 def test_analytic_param_bytes_are_the_real_param_count_times_four(tiny_plan):
     world = build_world(tiny_config())
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(world.params))

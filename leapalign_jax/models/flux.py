@@ -47,6 +47,10 @@ _REMAT_POLICIES = {
     "none": None,
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # Keep the weight matmuls' outputs (q/k/v, projections, MLP) in host memory and copy
+    # them back for the backward pass; everything else is recomputed. Needs a backend with
+    # a "pinned_host" memory (TPU, GPU, and XLA:CPU).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 _EPS = 1e-6  # every LayerNorm / RMSNorm in Flux
 
@@ -70,7 +74,14 @@ class FluxConfig:
       qkv_bias: whether the qkv projections have a bias.
       guidance_embed: whether the model takes a distilled-guidance input (FLUX.1-dev).
       dtype: compute dtype, "float32" or "bfloat16"; parameters always stay float32.
-      remat: rematerialisation of each block: "none", "full" or "dots_saveable".
+      remat: rematerialisation of each block: "none", "full", "dots_saveable" (keep
+        matmul outputs) or "offload" (keep the weight matmuls' outputs in host memory).
+      scan_blocks: run each stack of identical blocks as one `nn.scan`, so XLA compiles
+        one double and one single block instead of 19 + 38 (minutes instead of hours for
+        FLUX.1-dev's train step on CPU). The params are then stacked per kind,
+        `double_blocks/block/...` and `single_blocks/block/...` with a leading "layers"
+        axis (`stack_blocks` / `unstack_blocks` convert); loaders, exporters and LoRA use
+        the per-block layout.
     """
 
     in_channels: int = 64
@@ -88,6 +99,7 @@ class FluxConfig:
     guidance_embed: bool = True
     dtype: str = "float32"
     remat: str = "none"
+    scan_blocks: bool = False
 
     def __post_init__(self):
         # Normalise so configs read from JSON / ml_collections compare equal to presets.
@@ -496,6 +508,57 @@ def _maybe_remat(block: type[nn.Module], remat: str) -> type[nn.Module]:
     return nn.remat(block, policy=_REMAT_POLICIES[remat], prevent_cse=True)
 
 
+class _ScannedDouble(nn.Module):
+    """One double block in `nn.scan`'s (carry, broadcast...) -> (carry, None) form."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, carry, vec, pe):
+        block = _maybe_remat(DoubleStreamBlock, self.config.remat)(self.config, name="block")
+        return block(*carry, vec, pe), None
+
+
+class _ScannedSingle(nn.Module):
+    """One single block in `nn.scan`'s form."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, x, vec, pe):
+        block = _maybe_remat(SingleStreamBlock, self.config.remat)(self.config, name="block")
+        return block(x, vec, pe), None
+
+
+def _scan(module: type[nn.Module], length: int) -> type[nn.Module]:
+    return nn.scan(module, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def stack_blocks(params: Any, config: FluxConfig) -> Any:
+    """Per-block params (`double_blocks_<i>`, `single_blocks_<i>`) -> the `scan_blocks`
+    layout (`double_blocks/block/...` stacked on a leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith(("double_blocks_",
+                                                                  "single_blocks_"))}
+    for kind, n in (("double_blocks", config.depth), ("single_blocks",
+                                                      config.depth_single_blocks)):
+        if n:
+            blocks = [params[f"{kind}_{i}"] for i in range(n)]
+            out[kind] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
+def unstack_blocks(params: Any, config: FluxConfig) -> Any:
+    """The inverse of `stack_blocks`."""
+    out = {k: v for k, v in params.items() if k not in ("double_blocks", "single_blocks")}
+    for kind, n in (("double_blocks", config.depth), ("single_blocks",
+                                                      config.depth_single_blocks)):
+        for i in range(n):
+            out[f"{kind}_{i}"] = jax.tree.map(lambda x: x[i], params[kind]["block"])
+    return out
+
+
 class Flux(nn.Module):
     """The Flux transformer: packed latent tokens + text -> velocity `v_theta(x_t, t, c)`."""
 
@@ -537,14 +600,22 @@ class Flux(nn.Module):
 
         pe = embed_nd(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
 
-        double = _maybe_remat(DoubleStreamBlock, c.remat)
-        for i in range(c.depth):
-            img, txt = double(c, name=f"double_blocks_{i}")(img, txt, vec, pe)
+        if c.scan_blocks and c.depth:
+            (img, txt), _ = _scan(_ScannedDouble, c.depth)(c, name="double_blocks")(
+                (img, txt), vec, pe)
+        elif not c.scan_blocks:
+            double = _maybe_remat(DoubleStreamBlock, c.remat)
+            for i in range(c.depth):
+                img, txt = double(c, name=f"double_blocks_{i}")(img, txt, vec, pe)
 
         x = jnp.concatenate([txt, img], axis=1)
-        single = _maybe_remat(SingleStreamBlock, c.remat)
-        for i in range(c.depth_single_blocks):
-            x = single(c, name=f"single_blocks_{i}")(x, vec, pe)
+        if c.scan_blocks and c.depth_single_blocks:
+            x, _ = _scan(_ScannedSingle, c.depth_single_blocks)(c, name="single_blocks")(
+                x, vec, pe)
+        elif not c.scan_blocks:
+            single = _maybe_remat(SingleStreamBlock, c.remat)
+            for i in range(c.depth_single_blocks):
+                x = single(c, name=f"single_blocks_{i}")(x, vec, pe)
         img = x[:, txt.shape[1]:]
 
         out = LastLayer(c, name="final_layer")(img, vec).astype(jnp.float32)
