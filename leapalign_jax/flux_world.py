@@ -65,6 +65,7 @@ from leapalign_jax import data, embeddings, evaluate, flow, flux_pipeline, paral
 from leapalign_jax import paths, rewards, sampling
 from leapalign_jax.models.flux import Flux, abstract_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
+from leapalign_jax.pipeline import score as score_rewards
 from leapalign_jax.rewards.combine import combine
 from leapalign_jax.weights import flux_folder, tiny_judges
 from leapalign_jax.weights.flux import read_flux_config
@@ -473,9 +474,10 @@ def build(config: ml_collections.ConfigDict) -> World:
     def decode(frozen: Params, x: jax.Array) -> jax.Array:
         return flux_pipeline.decode_latents(vcfg, frozen["vae"], x, latent_hw)
 
-    def reward_fn(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
-        total, _ = reward.score(frozen["reward"], images, batch["reward_text"])
-        return total
+    def reward_fn(frozen: Params, images: jax.Array, batch: Batch) -> Any:
+        total, terms = reward.score(frozen["reward"], images, batch["reward_text"])
+        # A weighted mix reports each judge's score too (reward_<name> in the metrics).
+        return (total, terms) if len(terms) > 1 else total
 
     pipe = Pipeline(velocity=velocity, decode=decode, reward=reward_fn,
                     sigmas=generator.scheduler.sigmas(wc.num_steps, seq),
@@ -570,7 +572,7 @@ def evaluate_heldout(pipe: Pipeline, sample: Callable[..., jax.Array], params: P
 
     @jax.jit
     def score(frozen_all, images, batch):
-        scores = {"reward": pipe.reward(frozen_all["frozen"], images, batch)}
+        scores = {"reward": score_rewards(pipe, frozen_all["frozen"], images, batch)[0]}
         for name, judge in judges.items():
             scores[name] = judge.score(frozen_all["judges"][name], images,
                                        batch["judge_text"][name])

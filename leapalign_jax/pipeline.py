@@ -22,8 +22,9 @@ Batch = dict[str, Any]  # {"cond": Cond, ...}; leaves are batch-first
 VelocityFn = Callable[[Params, jax.Array, jax.Array, Cond], jax.Array]
 # (frozen, latents (B, L, C)) -> images (B, H, W, 3) in [0, 1]
 DecodeFn = Callable[[Params, jax.Array], jax.Array]
-# (frozen, images, batch) -> rewards (B,)
-RewardFn = Callable[[Params, jax.Array, Batch], jax.Array]
+# (frozen, images, batch) -> rewards (B,), or (rewards (B,), {term name: (B,)}) for a
+# weighted sum whose terms are logged one by one
+RewardFn = Callable[[Params, jax.Array, Batch], Any]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,7 +34,8 @@ class Pipeline:
     Attributes:
       velocity: the (guided) velocity `v_theta(x, sigma, cond)`.
       decode: frozen, differentiable latent -> image map (VAE decoder).
-      reward: frozen, differentiable image -> score map, higher is better.
+      reward: frozen, differentiable image -> score map, higher is better; it may return
+        `(total, {name: term})` to have each term of a weighted sum logged (`score`).
       sigmas: sampling schedule `sigma_0 = 1 > ... > sigma_T = 0`, shape (T + 1,).
       latent_shape: per-sample latent shape `(L, C)` (packed tokens).
     """
@@ -47,6 +49,13 @@ class Pipeline:
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
+
+
+def score(pipe: Pipeline, frozen: Params, images: jax.Array, batch: Batch
+          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`(rewards (B,), terms)` of `pipe.reward`; terms is {} for a reward without any."""
+    out = pipe.reward(frozen, images, batch)
+    return out if isinstance(out, tuple) else (out, {})
 
 
 def batch_size(batch: Batch) -> int:

@@ -18,11 +18,12 @@ import subprocess
 import sys
 
 import jax
-
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from leapalign_jax import data, embeddings, flux_world, parallel, rewards, train
+from leapalign_jax import data, embeddings, flux_world, methods, parallel, rewards, train
 from leapalign_jax.config_lib import load_config
 from leapalign_jax.weights import flux_folder
 
@@ -127,7 +128,7 @@ def test_weighted_reward_is_the_sum_of_its_judges(cache):
     assert world.fingerprint["reward"]["weights"] == {"hpsv21": 1.0, "pickscore": 0.05}
     batch = world.train_batch(0)
     images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
-    total = world.pipe.reward(world.frozen, images, batch)
+    total, got_terms = world.pipe.reward(world.frozen, images, batch)
     src = flux_world.sources(config.world)
     prompts = flux_world.prompt_sets(config.world, src)[0].lookup(batch["prompt_id"])
     terms = {name: np.asarray(rewards.load_reward(name, src.judges[name]["checkpoint"],
@@ -136,6 +137,16 @@ def test_weighted_reward_is_the_sum_of_its_judges(cache):
              for name in ("hpsv21", "pickscore")}
     np.testing.assert_allclose(total, terms["hpsv21"] + 0.05 * terms["pickscore"], rtol=1e-4,
                                atol=1e-5)
+    for name in terms:  # each term unweighted, as the training metrics log it
+        np.testing.assert_allclose(got_terms[name], terms[name], rtol=1e-4, atol=1e-5)
+    # A training step logs every term (reward_<name>) beside the weighted mean.
+    cfg = ml_collections.FrozenConfigDict(config.method)
+    batch = jax.tree.map(jnp.asarray, batch)
+    _, metrics = jax.jit(lambda p, f, b: methods.get_loss("leapalign")(
+        p, f, b, jax.random.key(0), world.pipe, cfg))(world.params, world.frozen, batch)
+    assert {"reward_hpsv21", "reward_pickscore", "reward_mean"} <= set(metrics)
+    assert float(metrics["reward_mean"]) == pytest.approx(
+        float(metrics["reward_hpsv21"]) + 0.05 * float(metrics["reward_pickscore"]), rel=1e-4)
 
 
 def test_judge_configuration_errors(cache, tmp_path):

@@ -208,15 +208,22 @@ def test_prompt_file_errors(tmp_path):
     latin.write_bytes("a red circle\ncaf\xe9\n".encode("latin-1"))
     unknown.write_text("a red circle\na purple hexagon\n", encoding="utf-8")
     good.write_text("a red circle\n\n# comment\na blue square\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="holds no prompts"):
+    with pytest.raises(ValueError, match="no prompts"):
         read_prompt_file(str(empty))
-    with pytest.raises(ValueError, match="not UTF-8"):
+    with pytest.raises(ValueError, match="UTF-8"):
         read_prompt_file(str(latin))
-    with pytest.raises(ValueError, match="unknown.txt:2"):
+    with pytest.raises(ValueError, match="unknown.txt: prompt 2 'a purple hexagon'"):
         read_prompt_file(str(unknown))
-    with pytest.raises(FileNotFoundError, match="prompt_file"):
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
         read_prompt_file(str(tmp_path / "missing.txt"))
     assert [p.text for p in read_prompt_file(str(good))] == ["a red circle", "a blue square"]
+    # Every format data.read_prompts reads: jsonl and a json list.
+    jsonl, listed = tmp_path / "p.jsonl", tmp_path / "p.json"
+    jsonl.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square"}\n',
+                     encoding="utf-8")
+    listed.write_text('["a blue square"]', encoding="utf-8")
+    assert [p.text for p in read_prompt_file(str(jsonl))] == ["a red circle", "a blue square"]
+    assert [p.text for p in read_prompt_file(str(listed))] == ["a blue square"]
 
     proc = subprocess.run(
         [sys.executable, "-m", "leapalign_jax.main", "--config",

@@ -21,7 +21,8 @@ import ml_collections
 
 from leapalign_jax import flow
 from leapalign_jax.methods.objectives import objective, reward_metrics
-from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
+                                    score)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,8 +61,8 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     x_clean = flow.euler_chain(conditioned_velocity(pipe, batch), params, x0, pipe.sigmas,
                                remat=cfg.remat,
                                grad_from=(num_steps - k) if cfg.truncate else None)
-    rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
+    rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(objective(rewards, cfg))
-    metrics = reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards, terms)
     metrics["grad_steps"] = k.astype(jnp.float32)
     return value, metrics

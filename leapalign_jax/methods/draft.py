@@ -18,7 +18,8 @@ import ml_collections
 
 from leapalign_jax import flow
 from leapalign_jax.methods.objectives import objective, reward_metrics
-from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
+                                    score)
 
 
 def draft_config() -> ml_collections.ConfigDict:
@@ -62,9 +63,9 @@ def draft_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     x_clean = flow.euler_chain(velocity, params, x_start, pipe.sigmas[num_steps - k:],
                                remat=k > 1)
 
-    rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
+    rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(objective(rewards, cfg))
-    return value, reward_metrics(value, rewards)
+    return value, reward_metrics(value, rewards, terms)
 
 
 def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
@@ -86,15 +87,18 @@ def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     x_clean, _ = flow.euler_rollout(velocity, params, x0, pipe.sigmas)
     s = float(pipe.sigmas[-2])  # the last step's noise level sigma_{T-1}
 
-    copies = []
+    copies, copy_terms = [], []
     for i in range(n):
         x = renoise(x_clean, jax.random.normal(jax.random.fold_in(rng_lv, i), x_clean.shape,
                                                x_clean.dtype), s)
         x_hat = flow.clean_estimate(velocity, params, x, s)
-        copies.append(pipe.reward(frozen, pipe.decode(frozen, x_hat), batch))
+        rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_hat), batch)
+        copies.append(rewards)
+        copy_terms.append(terms)
     copies = jnp.stack(copies)  # (n, B)
+    terms = jax.tree.map(lambda *t: jnp.stack(t), *copy_terms) if copy_terms[0] else {}
 
     value = jnp.mean(objective(copies, cfg))
-    metrics = reward_metrics(value, copies)
+    metrics = reward_metrics(value, copies, terms)
     metrics["copy_reward_std"] = jnp.mean(jnp.std(copies, axis=0))  # spread over the n copies
     return value, metrics

@@ -27,7 +27,8 @@ import numpy as np
 from leapalign_jax import flow
 from leapalign_jax.flow import sg
 from leapalign_jax.methods.objectives import objective, reward_metrics
-from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
+                                    score)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -92,8 +93,8 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
         increments = increments + dt * velocity(params, kept[:, i], chain[t])
     x_clean = x_value + (increments - sg(increments))  # value of the chain, gradient of v
 
-    rewards = pipe.reward(frozen, pipe.decode(frozen, x_clean), batch)
+    rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(objective(rewards, cfg))
-    metrics = reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards, terms)
     metrics["train_step_mean"] = jnp.mean(steps.astype(jnp.float32))
     return value, metrics

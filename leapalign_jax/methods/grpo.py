@@ -39,7 +39,7 @@ from leapalign_jax import flow
 from leapalign_jax.flow import sg
 from leapalign_jax.methods.objectives import reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
-                                    conditioned_velocity, initial_noise)
+                                    conditioned_velocity, initial_noise, score)
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -227,7 +227,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     x_clean, latents, logps = sde_rollout(velocity, params, x0, sigmas, rng_sde,
                                           noise_level=cfg.noise_level)
 
-    rewards = sg(pipe.reward(frozen, pipe.decode(frozen, x_clean), batch))
+    rewards, terms = sg(score(pipe, frozen, pipe.decode(frozen, x_clean), batch))
     advantages = group_advantages(rewards, g, cfg.adv_eps)
     advantages = sg(jnp.clip(advantages, -cfg.adv_clip, cfg.adv_clip))
 
@@ -263,7 +263,7 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     value = policy_loss + cfg.kl_coef * jnp.mean(kl)
 
     ratio = jnp.exp(logp_new - logp_old)
-    metrics = reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards, terms)
     metrics.update({
         "policy_loss": policy_loss,
         "kl": jnp.mean(kl),

@@ -19,7 +19,7 @@ from leapalign_jax import flow
 from leapalign_jax.flow import sg
 from leapalign_jax.methods.objectives import hinge, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
-                                    conditioned_velocity, initial_noise)
+                                    conditioned_velocity, initial_noise, score)
 
 
 class LeapOutput(NamedTuple):
@@ -200,10 +200,10 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     out = leap_to_clean(velocity, params, kept[:, 0], kept[:, 1], x_clean, sigmas[k],
                         sigmas[j], alpha=cfg.alpha, tau=cfg.tau)
 
-    rewards = pipe.reward(frozen, pipe.decode(frozen, out.x_clean), batch)
+    rewards, terms = score(pipe, frozen, pipe.decode(frozen, out.x_clean), batch)
     weight = out.weight if cfg.use_weight else jnp.ones_like(out.weight)
     value = jnp.mean(sg(weight) * hinge(rewards, cfg.hinge_lambda))
-    metrics = reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards, terms)
     metrics.update({
         "weight_mean": jnp.mean(weight),
         "d_j": jnp.mean(out.d_j),

@@ -33,6 +33,11 @@ def objective(rewards: jax.Array, cfg: Any) -> jax.Array:
     raise ValueError(f"objective={cfg.objective!r} is unknown; use one of {OBJECTIVES}")
 
 
-def reward_metrics(value: jax.Array, rewards: jax.Array) -> dict[str, jax.Array]:
-    """The metrics every method reports: loss, reward mean and spread over all rewards."""
-    return {"loss": value, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}
+def reward_metrics(value: jax.Array, rewards: jax.Array,
+                   terms: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """The metrics every method reports: loss, reward mean and spread over all rewards,
+    and `reward_<name>`, the mean unweighted score of each term of a weighted reward."""
+    metrics = {"loss": value, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}
+    for name, term in (terms or {}).items():
+        metrics[f"reward_{name}"] = jnp.mean(term)
+    return metrics

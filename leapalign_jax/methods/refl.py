@@ -15,7 +15,8 @@ import ml_collections
 
 from leapalign_jax import flow
 from leapalign_jax.methods.objectives import objective, reward_metrics
-from leapalign_jax.pipeline import Batch, Params, Pipeline, conditioned_velocity, initial_noise
+from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
+                                    score)
 
 
 def sample_steps(rng: jax.Array, batch_size: int, num_steps: int, last_m: int) -> jax.Array:
@@ -57,8 +58,8 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     sigmas = jnp.asarray(pipe.sigmas, jnp.float32)
     x_hat = flow.clean_estimate(velocity, params, kept[:, 0], sigmas[k])
 
-    rewards = pipe.reward(frozen, pipe.decode(frozen, x_hat), batch)
+    rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_hat), batch)
     value = jnp.mean(objective(rewards, cfg))
-    metrics = reward_metrics(value, rewards)
+    metrics = reward_metrics(value, rewards, terms)
     metrics["k_mean"] = jnp.mean(k.astype(jnp.float32))
     return value, metrics

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import evaluate as evaluate_lib
-from leapalign_jax import flow, parallel, paths, sampling
+from leapalign_jax import data, flow, parallel, paths, sampling
 from leapalign_jax.models.flux import Flux, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import autoencoder, cache, checker, pretrain, prompts, reward, scenes
@@ -137,26 +137,19 @@ def guided_velocity(flux: Flux, scale: float, uncond: dict[str, np.ndarray]
 
 
 def read_prompt_file(path: str) -> list[prompts.Prompt]:
-    """The prompts listed in `path`; ValueError / FileNotFoundError name the fix."""
-    if not paths.exists(path) or paths.isdir(path):
-        raise FileNotFoundError(f"prompt file {path} not found; fix config.world.prompt_file")
-    try:
-        lines = paths.read_text(path).splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}); "
-                         "save it as UTF-8") from None
+    """The shapes-world prompts listed in `path`, read by `data.read_prompts` (a .txt file,
+    one per line; .jsonl with a "prompt" field; a .json list), repeats kept.
+
+    Raises FileNotFoundError / ValueError (one line naming the file and the fix) for a
+    missing, empty or non-UTF-8 file and for a prompt that is not a shapes-world prompt.
+    """
     chosen = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
+    for number, text in enumerate(data.read_prompts(path), 1):
         try:
             chosen.append(prompts.prompt_by_text(text))
         except ValueError:
-            raise ValueError(f"{path}:{number}: {text!r} is not a shapes-world prompt; "
+            raise ValueError(f"{path}: prompt {number} {text!r} is not a shapes-world prompt; "
                              "see the templates in leapalign_jax/toy/prompts.py") from None
-    if not chosen:
-        raise ValueError(f"prompt file {path} holds no prompts; add one prompt per line")
     heldout = {p.text for p in prompts.heldout_prompts()}
     leaked = sum(p.text in heldout for p in chosen)
     if leaked:
@@ -183,8 +176,13 @@ def build(config: ml_collections.ConfigDict) -> World:
                 "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
 
     def train_batch(step: int, rows: np.ndarray | None = None) -> Batch:
-        """Step `step`'s batch, or only its rows `rows` (this process's share on a pod):
-        the global draw is the same, so every topology sees the same global batches."""
+        """Step `step`'s batch, or only its rows `rows` (this process's share on a pod).
+
+        The global draw is a function of (seed, step) alone, as `data.PromptStream`'s, so a
+        resumed run and every topology see the same global batches; it draws a category
+        first (`prompts.sample_prompts`) rather than walking epochs, since position prompts
+        outnumber the single-object ones by a hundred to one.
+        """
         rng = np.random.default_rng([config.seed, step])
         chosen = prompts.sample_prompts(rng, config.train.batch_size, pool)
         return batch_of(chosen if rows is None else [chosen[int(i)] for i in rows])
