@@ -273,10 +273,23 @@ runpy.run_module("leapalign_jax.main", run_name="__main__")
 
 
 # The emulator, plus the x-goog-generation header real GCS sends with object data
-# (tensorstore's conditional writes of orbax's OCDBT manifests read it).
+# (tensorstore's conditional writes of orbax's OCDBT manifests read it) and the objects.move
+# API (`.../o/SRC/moveTo/o/DST`) that gcsfs's renames call first: without it the emulator
+# answers 501, which gcsfs retries for ~30 s before falling back to copy and delete.
 EMULATOR = """
 import sys
+from gcp_storage_emulator import server
 from gcp_storage_emulator.handlers import objects
+
+def move(request, response, storage, *args, **kwargs):
+    request.params["dest_bucket_name"] = request.params["bucket_name"]
+    objects.copy(request, response, storage, *args, **kwargs)
+    if response.status == 200:
+        objects.delete(request, response, storage, *args, **kwargs)
+
+server.HANDLERS = ((
+    r"^(?:/storage/v1)?/b/(?P<bucket_name>[-.\\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+    r"(?P<dest_object_id>.*[^/]+)$", {server.POST: move}),) + tuple(server.HANDLERS)
 
 _download = objects.download
 
@@ -365,6 +378,9 @@ def test_workdir_on_a_bucket(bucket, tmp_path):
         return subprocess.run(
             [sys.executable, "-c", BUCKET_MAIN, "--config", CONFIG, "--workdir", "gs://bkt/run",
              "--config.train.log_every=1", "--config.train.checkpoint_every=1",
+             # Two checkpoints are all the flow needs; each object the emulator copies on
+             # start_fresh costs time.
+             "--config.train.keep_checkpoints=2",
              "--config.train.image_every=2", *overrides],
             cwd=tmp_path, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True,
             timeout=600)
