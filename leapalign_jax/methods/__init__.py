@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import ml_collections
 
 from leapalign_jax.methods import alignprop, draft, drtune, grpo, leapalign, refl
+from leapalign_jax.methods.objectives import uses_anchor
 
 LossFn = Callable[..., tuple[Any, dict[str, Any]]]
 
@@ -39,12 +40,12 @@ class Method(NamedTuple):
 
 
 METHODS: dict[str, Method] = {
-    "leapalign": Method(leapalign.loss, leapalign.default_config),
-    "refl": Method(refl.loss, refl.default_config),
-    "draft": Method(draft.draft_loss, draft.draft_config),
-    "draft_lv": Method(draft.draft_lv_loss, draft.draft_lv_config),
-    "drtune": Method(drtune.loss, drtune.default_config),
-    "alignprop": Method(alignprop.loss, alignprop.default_config),
+    "leapalign": Method(leapalign.loss, leapalign.default_config, uses_anchor),
+    "refl": Method(refl.loss, refl.default_config, uses_anchor),
+    "draft": Method(draft.draft_loss, draft.draft_config, uses_anchor),
+    "draft_lv": Method(draft.draft_lv_loss, draft.draft_lv_config, uses_anchor),
+    "drtune": Method(drtune.loss, drtune.default_config, uses_anchor),
+    "alignprop": Method(alignprop.loss, alignprop.default_config, uses_anchor),
     "grpo": Method(grpo.loss, grpo.default_config, grpo.needs_reference),
 }
 

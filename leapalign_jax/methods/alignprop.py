@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.methods.objectives import objective, reward_metrics
+from leapalign_jax.methods.objectives import add_anchor, anchor_knob, objective, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
                                     score)
 
@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.truncate = False
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
     c.objective = "hinge"  # "hinge": relu(hinge_lambda - r); "neg_reward": -r
+    anchor_knob(c)
     return c
 
 
@@ -58,11 +59,12 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     num_steps = pipe.num_steps
     k = sample_truncation(rng_trunc, num_steps) if cfg.truncate else jnp.int32(num_steps)
 
-    x_clean = flow.euler_chain(conditioned_velocity(pipe, batch), params, x0, pipe.sigmas,
+    velocity = conditioned_velocity(pipe, batch)
+    x_clean = flow.euler_chain(velocity, params, x0, pipe.sigmas,
                                remat=cfg.remat,
                                grad_from=(num_steps - k) if cfg.truncate else None)
     rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(objective(rewards, cfg))
     metrics = reward_metrics(value, rewards, terms)
     metrics["grad_steps"] = k.astype(jnp.float32)
-    return value, metrics
+    return add_anchor(value, metrics, cfg, velocity, params, frozen, x_clean, rng)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.methods.objectives import objective, reward_metrics
+from leapalign_jax.methods.objectives import add_anchor, anchor_knob, objective, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
                                     score)
 
@@ -28,6 +28,7 @@ def draft_config() -> ml_collections.ConfigDict:
     c.k = 1  # Euler steps at the end of the rollout that carry gradient, in [1, T]
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
     c.objective = "hinge"  # "hinge": relu(hinge_lambda - r); "neg_reward": -r
+    anchor_knob(c)
     return c
 
 
@@ -38,6 +39,7 @@ def draft_lv_config() -> ml_collections.ConfigDict:
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
     # Per copy: "hinge": relu(hinge_lambda - r_copy); "neg_reward": -r_copy
     c.objective = "hinge"
+    anchor_knob(c)
     return c
 
 
@@ -65,7 +67,8 @@ def draft_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
 
     rewards, terms = score(pipe, frozen, pipe.decode(frozen, x_clean), batch)
     value = jnp.mean(objective(rewards, cfg))
-    return value, reward_metrics(value, rewards, terms)
+    return add_anchor(value, reward_metrics(value, rewards, terms), cfg, velocity, params,
+                      frozen, x_clean, rng)
 
 
 def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
@@ -101,4 +104,4 @@ def draft_lv_loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array,
     value = jnp.mean(objective(copies, cfg))
     metrics = reward_metrics(value, copies, terms)
     metrics["copy_reward_std"] = jnp.mean(jnp.std(copies, axis=0))  # spread over the n copies
-    return value, metrics
+    return add_anchor(value, metrics, cfg, velocity, params, frozen, x_clean, rng)

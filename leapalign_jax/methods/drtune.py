@@ -26,7 +26,7 @@ import numpy as np
 
 from leapalign_jax import flow
 from leapalign_jax.flow import sg
-from leapalign_jax.methods.objectives import objective, reward_metrics
+from leapalign_jax.methods.objectives import add_anchor, anchor_knob, objective, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
                                     score)
 
@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.t_min = ml_collections.config_dict.placeholder(int)
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
     c.objective = "hinge"  # "hinge": relu(hinge_lambda - r); "neg_reward": -r
+    anchor_knob(c)
     return c
 
 
@@ -97,4 +98,4 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     value = jnp.mean(objective(rewards, cfg))
     metrics = reward_metrics(value, rewards, terms)
     metrics["train_step_mean"] = jnp.mean(steps.astype(jnp.float32))
-    return value, metrics
+    return add_anchor(value, metrics, cfg, velocity, params, frozen, x_value, rng)

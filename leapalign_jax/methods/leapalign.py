@@ -17,7 +17,7 @@ import ml_collections
 
 from leapalign_jax import flow
 from leapalign_jax.flow import sg
-from leapalign_jax.methods.objectives import hinge, reward_metrics
+from leapalign_jax.methods.objectives import add_anchor, anchor_knob, hinge, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, batch_size,
                                     conditioned_velocity, initial_noise, score)
 
@@ -174,6 +174,7 @@ def default_config() -> ml_collections.ConfigDict:
     # `--config.method.max_idx=12` parses as an int.
     c.max_idx = ml_collections.config_dict.placeholder(int)
     c.use_weight = True  # ablation: False weighs every sample 1
+    anchor_knob(c)
     return c
 
 
@@ -211,4 +212,4 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
         "k_mean": jnp.mean(k.astype(jnp.float32)),
         "j_mean": jnp.mean(j.astype(jnp.float32)),
     })
-    return value, metrics
+    return add_anchor(value, metrics, cfg, velocity, params, frozen, x_clean, rng)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from leapalign_jax import flow
-from leapalign_jax.methods.objectives import objective, reward_metrics
+from leapalign_jax.methods.objectives import add_anchor, anchor_knob, objective, reward_metrics
 from leapalign_jax.pipeline import (Batch, Params, Pipeline, conditioned_velocity, initial_noise,
                                     score)
 
@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.last_m = 11
     c.hinge_lambda = 0.55  # hinge max(0, lambda - r) (0.55 HPSv2.1, 0.4 PickScore, 13.5 HPSv3)
     c.objective = "hinge"  # "hinge": relu(hinge_lambda - r); "neg_reward": -r
+    anchor_knob(c)
     return c
 
 
@@ -62,4 +63,4 @@ def loss(params: Params, frozen: Params, batch: Batch, rng: jax.Array, pipe: Pip
     value = jnp.mean(objective(rewards, cfg))
     metrics = reward_metrics(value, rewards, terms)
     metrics["k_mean"] = jnp.mean(k.astype(jnp.float32))
-    return value, metrics
+    return add_anchor(value, metrics, cfg, velocity, params, frozen, x_hat, rng)
