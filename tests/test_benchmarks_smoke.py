@@ -1,4 +1,5 @@
-"""Tiny runs of the cost and accelerator benchmarks: they start, compile, time and report."""
+"""Tiny runs of the cost, accelerator and mechanism benchmarks: they start, compile, time and
+report."""
 
 import os
 import subprocess
@@ -36,3 +37,17 @@ def test_flux_accelerator_tiny():
     assert "peak_hbm_gib" in lines and "train_mfu" in lines
     # torch runs the same loop on CPU in --tiny mode; it is optional.
     assert "torch_rollout" in text or "torch_rollout_images_per_s" in lines
+
+
+def test_mechanism_tiny(tmp_path):
+    run("benchmarks/mechanism.py", "--world", "random_flux", "--methods", "leapalign", "refl",
+        "--batches", "1", "--batch-size", "2", "--num-steps", "3", "--out", str(tmp_path))
+    import json
+
+    result = json.loads((tmp_path / "mechanism.json").read_text())
+    assert len(result["sigmas"]) == 3 and result["sigmas"][0] == 1.0
+    for name in ("leapalign", "refl"):
+        assert abs(sum(result["shares"][name]) - 1.0) < 1e-6
+        assert all(e > 0 for e in result["effects"][name])
+    assert "| leapalign |" in (tmp_path / "mechanism.md").read_text()
+    assert (tmp_path / "mechanism.png").stat().st_size > 1000
