@@ -47,6 +47,7 @@ CONFIG_FILE = os.path.join(REPO, "configs", "toy_leapalign.py")
 MAIN_METHODS = ("leapalign", "refl", "draft_lv", "drtune", "alignprop", "grpo")
 # Quick mode's sampling knobs; the cached models are the full mode's (same cache key).
 QUICK_WORLD = {"num_steps": 10, "eval_steps": 10}
+ANCHOR_COEF = 1.0  # the anchored runs' method.anchor_coef
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -62,6 +63,10 @@ def catalog(num_steps: int) -> dict[str, dict[str, Any]]:
     runs["leapalign_early"] = {"method": "leapalign",
                                "overrides": {"max_idx": num_steps // 2},
                                "label": f"  steps from [0, T/2={num_steps // 2})"}
+    # The reward-hacking guard: a velocity anchor to the base (method.anchor_coef).
+    for m in ("leapalign", "refl"):
+        runs[f"{m}_anchor"] = {"method": m, "overrides": {"anchor_coef": ANCHOR_COEF},
+                               "label": f"  {m} + anchor {ANCHOR_COEF:g}"}
     for name, run in runs.items():
         run["ablation"] = name not in MAIN_METHODS
     return runs
@@ -127,6 +132,8 @@ def make_config(job: dict[str, Any]):
     config.seed = job["seed"]
     config.train.update(steps=job["steps"], batch_size=job["batch_size"], image_every=0,
                         checkpoint_every=10 ** 9, keep_checkpoints=1)
+    if job.get("learning_rate"):
+        config.optim.learning_rate = job["learning_rate"]
     return config
 
 
@@ -313,6 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reward evaluations per iteration; default 32, quick: 16")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate the EMA params every N steps; default 25, quick: 5")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="AdamW learning rate of every run (default: the config's)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                    help="where results.md, results.json and accuracy.png go")
     p.add_argument("--workdir", default=None, help="runs and logs; default "
@@ -373,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                     overrides=overrides, layout=layout, eval_points=points,
                     cache_dir=os.path.abspath(args.cache_dir), world=world,
                     steps=args.steps, batch_size=args.batch_size, workdir=folder,
+                    learning_rate=args.learning_rate,
                     eval_dir=os.path.join(folder, "eval", "base"),
                     result_file=os.path.join(folder, "result.json"))
 

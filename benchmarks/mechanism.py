@@ -16,7 +16,8 @@ held-out grid prompts:
 `effect_t^2 / sum_t effect_t^2`. The early share (steps with sigma > 0.5) says how much of
 the update reaches the high-noise steps. With `--compare-results` (a compare_methods.py
 results.json) the table adds each method's held-out gain on the position and color_attr
-categories, the layout and binding categories the early steps decide.
+categories, the layout and binding categories the early steps decide. A random unit direction in
+parameter space is the reference profile (the network's own sensitivity per step).
 
 Writes `--out`/mechanism.md, mechanism.json and mechanism.png.
 """
@@ -87,6 +88,20 @@ def update_direction(world, name: str, batches: int, seed: int, batch_size: int)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     norm = optax.global_norm(total)
     return jax.tree.map(lambda x: x / norm, total), float(norm) / batches
+
+
+def random_direction(world, seed: int) -> Any:
+    """A random unit direction in parameter space: the network's own sensitivity profile,
+    against which a method's profile is read."""
+    import jax
+    import optax
+
+    leaves, tree = jax.tree.flatten(world.params)
+    keys = jax.random.split(jax.random.key(seed + 777), len(leaves))
+    g = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
+                                  for k, x in zip(keys, leaves)])
+    norm = optax.global_norm(g)
+    return jax.tree.map(lambda x: x / norm, g)
 
 
 def trajectory(world, seed: int):
@@ -188,17 +203,23 @@ def main(argv: list[str] | None = None) -> None:
         raw[name] = effects
         profiles[name] = effects ** 2 / np.sum(effects ** 2)
         print(f"{name}: early share {profiles[name][sigmas > 0.5].sum():.3f}", flush=True)
+    effects = velocity_effects(world, random_direction(world, args.seed), latents, batch)
+    raw["random direction"] = effects
+    profiles["random direction"] = effects ** 2 / np.sum(effects ** 2)
     gains = category_gains(args.compare_results) if args.compare_results else {}
+    early = sigmas > 0.5
+    baseline = profiles["random direction"][early].sum()
 
-    header = "| method | share at sigma > 0.5 | share at sigma > 0.8 | share of the first step |"
-    rule = "|---|---:|---:|---:|"
+    header = ("| method | share at sigma > 0.5 | / random direction's | share at sigma > 0.8 | "
+              "share of the first step |")
+    rule = "|---|---:|---:|---:|---:|"
     if gains:
         header += " position gain | color_attr gain | overall gain |"
         rule += "---:|---:|---:|"
     lines = [header, rule]
     for name, share in profiles.items():
-        row = (f"| {name} | {share[sigmas > 0.5].sum():.3f} | {share[sigmas > 0.8].sum():.3f} "
-               f"| {share[0]:.3f} |")
+        row = (f"| {name} | {share[early].sum():.3f} | {share[early].sum() / baseline:.2f} "
+               f"| {share[sigmas > 0.8].sum():.3f} | {share[0]:.3f} |")
         if gains:
             g = gains.get(name, {})
             row += "".join(f" {g[k]:+.3f} |" if k in g else " - |"
@@ -217,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         f"update (gradient at the base params, mean of {args.batches} batches of "
         f"{args.batch_size}, seed {args.seed}); its effect on the velocity at each step of "
         f"the base model's trajectory on {latents.shape[1]} held-out grid prompts. Share = "
-        "effect_t^2 / sum_t effect_t^2 (benchmarks/mechanism.py docstring).", "",
+        "effect_t^2 / sum_t effect_t^2 (benchmarks/mechanism.py docstring). The random "
+        "direction (a unit Gaussian direction in parameter space) gives the network's own "
+        "sensitivity profile: a method above it at sigma > 0.5 aims its update at the "
+        "early steps more than chance.", "",
         *lines, "", "Share per step (columns: sigma_t of the step, sampling order):", "",
         *per_step, ""])
     with open(os.path.join(args.out, "mechanism.md"), "w", encoding="utf-8") as f:
