@@ -68,48 +68,38 @@ SCRIPT = textwrap.dedent(r"""
             n_split=len(split), n_leaves=len(jax.tree.leaves(params)),
             v_sharded=not v.sharding.is_fully_replicated)
 
+    def one_step_on_each_mesh(world):
+        # A full train step on one device and on the (2, 2, 2) mesh: how far the two new
+        # params differ and moved, and the frozen tree as the trainer placed it on each.
+        states, frozens = {}, {}
+        for name, devs, shape in [("one", jax.devices()[:1], (1, 1, 1)),
+                                  ("eight", jax.devices(), (2, 2, 2))]:
+            mesh = parallel.make_mesh(shape, devs)
+            opt = train.make_optimizer(config.optim)
+            sh = train.state_shardings(world, opt, mesh, parallel.DEFAULT_RULES)
+            state = jax.jit(lambda p: train.create_train_state(p, opt, 0), out_shardings=sh)(
+                world.params)
+            frozens[name], _ = train.place_frozen(config, world, mesh, parallel.DEFAULT_RULES,
+                                                  sh)
+            step = jax.jit(train.make_train_step(world.pipe, config.method, opt, 0.9, 1.0,
+                                                 world.assemble))
+            state, _ = step(state, frozens[name], parallel.shard_batch(batch, mesh))
+            states[name] = jax.device_get(state.params)
+        diff = lambda a, b: max(jax.tree.leaves(jax.tree.map(  # noqa: E731
+            lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+        return dict(max_diff=diff(states["one"], states["eight"]),
+                    max_moved=diff(states["one"], jax.device_get(world.params))), frozens
+
     # One full train step on the (2, 2, 2) mesh equals the same step on one device.
-    states = {}
-    for name, devs, shape in [("one", jax.devices()[:1], (1, 1, 1)),
-                              ("eight", jax.devices(), (2, 2, 2))]:
-        mesh = parallel.make_mesh(shape, devs)
-        opt = train.make_optimizer(config.optim)
-        sh = train.state_shardings(world, opt, mesh, parallel.DEFAULT_RULES)
-        state = jax.jit(lambda p: train.create_train_state(p, opt, 0), out_shardings=sh)(
-            world.params)
-        step = jax.jit(train.make_train_step(pipe, config.method, opt, 0.9, 1.0))
-        state, metrics = step(state, {}, parallel.shard_batch(batch, mesh))
-        states[name] = jax.device_get(state.params)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
-                                         states["one"], states["eight"]))
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
-                                         states["one"], jax.device_get(world.params)))
-    out["train_step"] = dict(max_diff=max(diffs), max_moved=max(moved))
+    out["train_step"], _ = one_step_on_each_mesh(world)
 
     # LoRA: the frozen base sharded like the params; one step equals one device's.
     config.lora.update(dict(enabled=True, rank=4))
     config.optim.learning_rate = 1e-3
-    lw = build_world(config)
-    states, base_shards = {}, {}
-    for name, devs, shape in [("one", jax.devices()[:1], (1, 1, 1)),
-                              ("eight", jax.devices(), (2, 2, 2))]:
-        mesh = parallel.make_mesh(shape, devs)
-        opt = train.make_optimizer(config.optim)
-        sh = train.state_shardings(lw, opt, mesh, parallel.DEFAULT_RULES)
-        state = jax.jit(lambda p: train.create_train_state(p, opt, 0), out_shardings=sh)(
-            lw.params)
-        frozen, _ = train.place_frozen(config, lw, mesh, parallel.DEFAULT_RULES, sh)
-        step = jax.jit(train.make_train_step(lw.pipe, config.method, opt, 0.9, 1.0,
-                                             lw.assemble))
-        state, _ = step(state, frozen, parallel.shard_batch(batch, mesh))
-        states[name] = jax.device_get(state.params)
-        kernel = frozen["base"]["double_blocks_0"]["img_attn"]["qkv"]["kernel"]
-        base_shards[name] = list(kernel.addressable_shards[0].data.shape)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
-                                         states["one"], states["eight"]))
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
-                                         states["one"], jax.device_get(lw.params)))
-    out["lora_step"] = dict(max_diff=max(diffs), max_moved=max(moved), base_shards=base_shards)
+    out["lora_step"], frozens = one_step_on_each_mesh(build_world(config))
+    out["lora_step"]["base_shards"] = {
+        name: list(f["base"]["double_blocks_0"]["img_attn"]["qkv"]["kernel"]
+                   .addressable_shards[0].data.shape) for name, f in frozens.items()}
     print("RESULT" + json.dumps(out))
 """)
 
