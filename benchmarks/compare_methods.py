@@ -3,9 +3,12 @@
     python benchmarks/compare_methods.py                      # full mode (~1 h on 2 CPU cores)
     python benchmarks/compare_methods.py --quick              # a few minutes, 1 seed
     python benchmarks/compare_methods.py --methods leapalign refl --seeds 0 --steps 40
+    python benchmarks/compare_methods.py --methods leapalign leapalign_anchor refl \
+        refl_anchor --learning-rate 1e-4 --steps 300       # does the anchor stop hacking?
 
 Every run (LeapAlign, ReFL, DRaFT-LV, DRTune, AlignProp, GRPO, and LeapAlign's ablations:
-alpha in {0, 0.1, 1}, no similarity weight, early-half step range) starts from the same
+alpha in {0, 0.1, 1}, no similarity weight, early-half step range; LeapAlign and ReFL with
+the velocity anchor, `method.anchor_coef`, the reward-hacking guard) starts from the same
 pretrained shapes-world generator (one shared `--cache-dir`), trains on the same prompt
 stream with the same optimizer, EMA, hinge and number of reward evaluations per
 iteration, and is judged on the same held-out prompts with the same noise.
