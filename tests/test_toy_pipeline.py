@@ -5,6 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
+from leapalign_jax import config_lib
+from leapalign_jax.toy import prompts
+from leapalign_jax.world import build_world
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,6 +56,21 @@ def test_tiny_shapes_world_train_then_evaluate(tmp_path):
     log = again.stderr[-3000:]
     assert abs(again_results["acc_overall"] - step2["acc_overall"]) < 1e-9, log
     assert abs(again_results["reward"] - step2["reward"]) < 1e-5, log
+
+    # A prompt file (read by data.read_prompts) is walked in epochs by data.PromptStream:
+    # each prompt once per epoch, and a host's rows are its slice of the global batch.
+    texts = ["a red circle", "a blue square", "a red square", "a blue circle",
+             "a green triangle"]
+    prompt_file = tmp_path / "mine.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "toy_leapalign.py:tiny"))
+    config.world.update(cache_dir=str(cache), prompt_file=str(prompt_file))
+    config.train.batch_size = 2
+    world = build_world(config)
+    ids = np.concatenate([world.train_batch(s)["prompt_id"] for s in range(5)])
+    names = [prompts.all_prompts()[i].text for i in ids]
+    assert sorted(names[:5]) == sorted(texts) and sorted(names[5:]) == sorted(texts)
+    assert world.train_batch(3, rows=np.array([1]))["prompt_id"].tolist() == [ids[7]]
 
 
 def test_world_build_is_bitwise_reproducible_across_processes(tmp_path):

@@ -175,14 +175,22 @@ def build(config: ml_collections.ConfigDict) -> World:
         return {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
                 "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
 
+    stream = data.PromptStream(len(pool), config.train.batch_size, config.seed) \
+        if wc.prompt_file else None
+
     def train_batch(step: int, rows: np.ndarray | None = None) -> Batch:
         """Step `step`'s batch, or only its rows `rows` (this process's share on a pod).
 
-        The global draw is a function of (seed, step) alone, as `data.PromptStream`'s, so a
-        resumed run and every topology see the same global batches; it draws a category
-        first (`prompts.sample_prompts`) rather than walking epochs, since position prompts
+        The global batch is a function of (seed, step) alone, so a resumed run and every
+        topology see the same global batches. A prompt file is walked in epochs by
+        `data.PromptStream`, as the flux world walks its prompt sets; the built-in pool is
+        drawn category first (`prompts.sample_prompts`), since its position prompts
         outnumber the single-object ones by a hundred to one.
         """
+        if stream is not None:
+            ids = stream.global_ids(step)
+            chosen = [pool[int(i)] for i in (ids if rows is None else ids[np.asarray(rows)])]
+            return batch_of(chosen)
         rng = np.random.default_rng([config.seed, step])
         chosen = prompts.sample_prompts(rng, config.train.batch_size, pool)
         return batch_of(chosen if rows is None else [chosen[int(i)] for i in rows])
