@@ -40,13 +40,13 @@ def test_flux_accelerator_tiny():
 
 
 def test_mechanism_tiny(tmp_path):
-    run("benchmarks/mechanism.py", "--world", "random_flux", "--methods", "leapalign", "refl",
+    run("benchmarks/mechanism.py", "--world", "random_flux", "--methods", "leapalign",
         "--batches", "1", "--batch-size", "2", "--num-steps", "3", "--out", str(tmp_path))
     import json
 
     result = json.loads((tmp_path / "mechanism.json").read_text())
     assert len(result["sigmas"]) == 3 and result["sigmas"][0] == 1.0
-    for name in ("leapalign", "refl"):
+    for name in ("leapalign", "random direction"):
         assert abs(sum(result["shares"][name]) - 1.0) < 1e-6
         assert all(e > 0 for e in result["effects"][name])
     assert "| leapalign |" in (tmp_path / "mechanism.md").read_text()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from leapalign_jax import config_lib
 from leapalign_jax.toy import prompts
@@ -20,8 +21,28 @@ def main(*args):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def test_tiny_shapes_world_train_then_evaluate(tmp_path):
-    workdir, cache = tmp_path / "run", tmp_path / "cache"
+def _build(cache, hash_seed: str) -> None:
+    """Builds the :tiny world's models into `cache` in a fresh process."""
+    build = ("import sys; sys.path.insert(0, '.'); import configs.toy_leapalign as c; "
+             "from leapalign_jax.toy import world; cfg = c.get_config('tiny'); "
+             "cfg.world.cache_dir = sys.argv[1]; world.build_models(cfg.world)")
+    done = subprocess.run([sys.executable, "-c", build, str(cache)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=hash_seed))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """The :tiny world built once (the main job below reuses it; the reproducibility test
+    builds it again in another process and compares)."""
+    cache = tmp_path_factory.mktemp("tiny_world")
+    _build(cache, hash_seed="1")
+    return cache
+
+
+def test_tiny_shapes_world_train_then_evaluate(built_cache, tmp_path):
+    workdir, cache = tmp_path / "run", built_cache
     common = ["--config", "configs/toy_leapalign.py:tiny", "--workdir", str(workdir),
               f"--config.world.cache_dir={cache}"]
     first = main(*common)
@@ -73,19 +94,11 @@ def test_tiny_shapes_world_train_then_evaluate(tmp_path):
     assert world.train_batch(3, rows=np.array([1]))["prompt_id"].tolist() == [ids[7]]
 
 
-def test_world_build_is_bitwise_reproducible_across_processes(tmp_path):
-    """Two processes building the same world write byte-identical model files."""
-    build = ("import sys; sys.path.insert(0, '.'); import configs.toy_leapalign as c; "
-             "from leapalign_jax.toy import world; cfg = c.get_config('tiny'); "
-             "cfg.world.cache_dir = sys.argv[1]; world.build_models(cfg.world)")
-    files = []
-    for name, hash_seed in (("a", "1"), ("b", "2")):
-        done = subprocess.run([sys.executable, "-c", build, str(tmp_path / name)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                       PYTHONHASHSEED=hash_seed))
-        assert done.returncode == 0, done.stderr[-3000:]
-        files.append({f: (tmp_path / name / f).read_bytes()
-                      for f in sorted(os.listdir(tmp_path / name))})
+def test_world_build_is_bitwise_reproducible_across_processes(built_cache, tmp_path):
+    """Two processes (other hash seeds) building the same world write byte-identical model
+    files."""
+    _build(tmp_path / "b", hash_seed="2")
+    files = [{f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))
+              if f.endswith(".msgpack")} for folder in (built_cache, tmp_path / "b")]
     assert list(files[0]) == list(files[1]) and len(files[0]) == 3
     assert all(files[0][f] == files[1][f] for f in files[0])
