@@ -13,3 +13,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, ROOT)
+
+# Files that take minutes go first, so the two xdist workers (--dist loadfile, README)
+# finish together instead of one running a long file alone at the end.
+SLOW_FILES_FIRST = ("test_multihost.py", "test_notebook.py", "test_parallel.py",
+                    "test_robustness.py", "test_toy_pipeline.py", "test_train.py",
+                    "test_flux_world.py", "test_benchmarks_smoke.py", "test_reference.py",
+                    "test_tasks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

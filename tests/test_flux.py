@@ -173,7 +173,7 @@ def test_remat_same_output_and_gradient():
 def test_scanned_blocks_equal_the_unrolled_model():
     """`scan_blocks`: stacked params, the same output and gradient, "layers" axis names,
     and a program with one block of each kind instead of depth of them."""
-    config = tiny_config(depth=2, depth_single_blocks=2, remat="full")
+    config = tiny_config(depth=3, depth_single_blocks=2, remat="full")
     scanned = dataclasses.replace(config, scan_blocks=True)
     params = jax.tree.map(jnp.asarray, _random_params(config))
     stacked = stack_blocks(params, config)
