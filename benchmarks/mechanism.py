@@ -122,22 +122,23 @@ def trajectory(world, seed: int):
     return jnp.moveaxis(kept, 1, 0), batch
 
 
-def velocity_effects(world, direction: Any, latents, batch) -> np.ndarray:
-    """effect_t, the RMS of the velocity's directional derivative at each step."""
+def velocity_effects_fn(world, latents, batch):
+    """`direction -> effect_t` (T,), the RMS of the velocity's directional derivative at
+    each step; compiled once and reused for every method's direction."""
     import jax
     import jax.numpy as jnp
 
     pipe = world.pipe
-    sigmas = np.asarray(pipe.sigmas, np.float32)
+    sigmas = jnp.asarray(pipe.sigmas, jnp.float32)[:pipe.num_steps]
 
-    @jax.jit
-    def effect(params, g, x, s):
+    def one_step(params, g, x, s):
         sigma = jnp.full((x.shape[0],), s, jnp.float32)
         _, dv = jax.jvp(lambda p: pipe.velocity(p, x, sigma, batch["cond"]), (params,), (g,))
         return jnp.sqrt(jnp.mean(jnp.square(dv)))
 
-    return np.asarray([float(effect(world.params, direction, latents[t], sigmas[t]))
-                       for t in range(pipe.num_steps)])
+    effects = jax.jit(lambda params, g: jax.lax.map(
+        lambda xs: one_step(params, g, *xs), (latents, sigmas)))
+    return lambda direction: np.asarray(effects(world.params, direction), np.float64)
 
 
 def category_gains(path: str) -> dict[str, dict[str, float]]:
@@ -195,15 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     config, world = build(args)
     latents, batch = trajectory(world, args.seed)
     sigmas = np.asarray(world.pipe.sigmas, np.float32)[:-1]
+    velocity_effects = velocity_effects_fn(world, latents, batch)
     profiles, raw, norms = {}, {}, {}
     for name in args.methods:
         direction, norms[name] = update_direction(world, name, args.batches, args.seed,
                                                   args.batch_size)
-        effects = velocity_effects(world, direction, latents, batch)
+        effects = velocity_effects(direction)
         raw[name] = effects
         profiles[name] = effects ** 2 / np.sum(effects ** 2)
         print(f"{name}: early share {profiles[name][sigmas > 0.5].sum():.3f}", flush=True)
-    effects = velocity_effects(world, random_direction(world, args.seed), latents, batch)
+    effects = velocity_effects(random_direction(world, args.seed))
     raw["random direction"] = effects
     profiles["random direction"] = effects ** 2 / np.sum(effects ** 2)
     gains = category_gains(args.compare_results) if args.compare_results else {}
