@@ -226,17 +226,17 @@ def _cell(values: list[float], digits: int) -> str:
 def summarize(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[str, dict]:
     """The markdown table (last evaluation point, mean ± std over seeds) and its numbers."""
     metrics = ["reward", "acc_overall"] + [f"acc_{c}" for c in CATEGORIES] + ["fd"]
-    header = (["method", "prompts/iter", "reward", "acc overall", *CATEGORIES, "FD", "s/iter",
-               "peak mem MiB", "acc / LeapAlign"])
+    header = (["method", "prompts/iter", "reward", "acc overall", "gain ± s.e.", *CATEGORIES,
+               "FD", "s/iter", "peak mem MiB", "acc / LeapAlign"])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     finals = {name: [s["points"][-1]["results"] for s in row["seeds"].values() if "points" in s]
               for name, row in rows.items()}
     ref = _mean_std([f["acc_overall"] for f in finals.get("leapalign", [])])[0] \
         if finals.get("leapalign") else math.nan
     r = base["points"][0]["results"]
-    lines.append("| " + " | ".join(["base (step 0)", "-"] + [
-        _cell([r[m]], 4 if m == "reward" else 3) for m in metrics] + ["-", "-",
-        f"{r['acc_overall'] / ref:.2f}"]) + " |")
+    cells = [_cell([r[m]], 4 if m == "reward" else 3) for m in metrics]
+    lines.append("| " + " | ".join(["base (step 0)", "-"] + cells[:2] + ["-"] + cells[2:] + [
+        "-", "-", f"{r['acc_overall'] / ref:.2f}"]) + " |")
     summary = {}
     for name, row in rows.items():
         done = [s for s in row["seeds"].values() if "points" in s]
@@ -249,10 +249,51 @@ def summarize(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[st
         ratio = _mean_std(columns["acc_overall"])[0] / ref
         summary[name] = {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in columns.items()}
         summary[name].update(acc_ratio_to_leapalign=ratio, num_seeds=len(done))
-        cells = [row["label"], row["layout"]] + [
-            _cell(columns[m], 4 if m == "reward" else 3) for m in metrics]
+        gain = np.asarray(columns["acc_overall"]) - r["acc_overall"]
+        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else math.nan
+        summary[name].update(gain=float(gain.mean()), gain_se=se)
+        cells = [_cell(columns[m], 4 if m == "reward" else 3) for m in metrics]
+        cells = [row["label"], row["layout"]] + cells[:2] + [
+            f"{gain.mean():+.3f} ± {se:.3f}"] + cells[2:]
         cells += [_cell(columns["s_per_iter"], 3), _cell(columns["peak_mib"], 0), f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def accuracy_within(seed: dict[str, Any], budget_s: float, base_acc: float) -> tuple[float, int]:
+    """(held-out accuracy, iterations) at the last evaluation point reached within
+    `budget_s` training seconds; the base's when none was."""
+    reached = [p for p in seed["points"] if p["train_s"] <= budget_s * 1.0001]
+    return (reached[-1]["results"]["acc_overall"], reached[-1]["step"]) if reached \
+        else (base_acc, 0)
+
+
+def equal_time(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[str, dict]:
+    """Each run's accuracy at LeapAlign's training time (mean over its seeds; the shortest
+    run's when LeapAlign is not compared): the gain over the base, ± its standard error
+    over seeds, in that many seconds."""
+    base_acc = base["points"][0]["results"]["acc_overall"]
+    done = {name: [s for s in row["seeds"].values() if "points" in s]
+            for name, row in rows.items()}
+    done = {name: seeds for name, seeds in done.items() if seeds}
+    finals = {name: np.mean([s["points"][-1]["train_s"] for s in seeds])
+              for name, seeds in done.items()}
+    if not finals:
+        return "", {}
+    budget = finals.get("leapalign", min(finals.values()))
+    lines = [f"Training-time budget: {budget:.1f} s (compilation and evaluation excluded).", "",
+             "| method | iterations reached | acc overall | gain over base ± s.e. | gain / s.e. |",
+             "|---|---|---|---|---|"]
+    summary = {}
+    for name, seeds in done.items():
+        accs, iters = zip(*(accuracy_within(s, budget, base_acc) for s in seeds))
+        gain = np.asarray(accs) - base_acc
+        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else math.nan
+        summary[name] = {"acc": float(np.mean(accs)), "gain": float(gain.mean()), "se": se,
+                         "iterations": [int(i) for i in iters], "budget_s": float(budget)}
+        lines.append(f"| {rows[name]['label']} | {'/'.join(map(str, iters))} | "
+                     f"{_cell(list(accs), 3)} | {gain.mean():+.3f} ± {se:.3f} | "
+                     f"{gain.mean() / se if se > 0 else math.nan:.1f} |")
     return "\n".join(lines), summary
 
 
@@ -436,14 +477,16 @@ def main(argv: list[str] | None = None) -> None:
             "last evaluation point; s/iter counts optimizer steps only; peak memory is the "
             "device peak (host RSS on CPU, process baseline included) before the first "
             "evaluation.")
-    md = f"# Method comparison on the shapes world\n\n{note}\n\n{table}\n"
+    timed, timed_summary = equal_time(rows, base)
+    md = (f"# Method comparison on the shapes world\n\n{note}\n\n## At equal iterations\n\n"
+          f"{table}\n\n## At equal training time\n\n{timed}\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)
     record = {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
               "machine": machine(), "settings": {k: v for k, v in vars(args).items()
                                                  if k != "worker"},
-              "base": base, "runs": rows, "summary": summary,
+              "base": base, "runs": rows, "summary": summary, "equal_time": timed_summary,
               "elapsed_s": time.perf_counter() - started}
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=float)

@@ -16,8 +16,8 @@ sys.path.insert(0, ROOT)
 
 # Files that take minutes go first, so the two xdist workers (--dist loadfile, README)
 # finish together instead of one running a long file alone at the end.
-SLOW_FILES_FIRST = ("test_multihost.py", "test_notebook.py", "test_parallel.py",
-                    "test_robustness.py", "test_toy_pipeline.py", "test_train.py",
+SLOW_FILES_FIRST = ("test_multihost.py", "test_toy_pipeline.py", "test_parallel.py",
+                    "test_robustness.py", "test_train.py",
                     "test_flux_world.py", "test_benchmarks_smoke.py", "test_reference.py",
                     "test_tasks.py")
 

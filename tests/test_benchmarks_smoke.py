@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,3 +53,36 @@ def test_mechanism_tiny(tmp_path):
         assert all(e > 0 for e in result["effects"][name])
     assert "| leapalign |" in (tmp_path / "mechanism.md").read_text()
     assert (tmp_path / "mechanism.png").stat().st_size > 1000
+
+
+def test_compare_methods_tables_at_equal_iterations_and_equal_time():
+    """The gain over the base ± its standard error over seeds, and each run's accuracy at
+    LeapAlign's training time (the last evaluation point reached within it)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare_methods as cm
+
+    def result(acc):
+        return {"acc_overall": acc, "reward": 0.5, "fd": 1.0,
+                **{f"acc_{c}": acc for c in cm.CATEGORIES}}
+
+    def seed(points, s_per_iter=0.2):
+        return {"points": [{"step": st, "train_s": t, "results": result(a)} for st, t, a in points],
+                "s_per_iter": s_per_iter, "peak_mib": 100.0}
+
+    base = {"points": [{"step": 0, "train_s": 0.0, "results": result(0.40)}]}
+    rows = {
+        "leapalign": {"label": "leapalign", "layout": "32 prompts", "seeds": {
+            str(i): seed([(50, 10.0, 0.45), (100, 20.0, a)]) for i, a in enumerate((0.50, 0.52, 0.54))}},
+        "alignprop": {"label": "alignprop", "layout": "32 prompts", "seeds": {
+            str(i): seed([(50, 15.0, 0.47), (100, 30.0, 0.60)]) for i in range(3)}},
+    }
+    table, summary = cm.summarize(rows, base)
+    assert abs(summary["leapalign"]["gain"] - 0.12) < 1e-9
+    assert abs(summary["leapalign"]["gain_se"] - 0.02 / np.sqrt(3)) < 1e-9
+    assert "| leapalign | 32 prompts | 0.5000 ± 0.0000 | 0.520 ± 0.020 | +0.120 ± 0.012 |" in table
+    timed, by_time = cm.equal_time(rows, base)
+    assert by_time["alignprop"]["budget_s"] == 20.0
+    assert by_time["alignprop"]["iterations"] == [50, 50, 50]  # 100 took 30 s > 20 s
+    assert abs(by_time["alignprop"]["gain"] - 0.07) < 1e-9
+    assert abs(by_time["leapalign"]["gain"] - 0.12) < 1e-9
+    assert "| alignprop | 50/50/50 | 0.470 ± 0.000 |" in timed

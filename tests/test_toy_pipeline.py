@@ -2,15 +2,19 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from leapalign_jax import config_lib
 from leapalign_jax.toy import prompts
 from leapalign_jax.world import build_world
+from tests import notebook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,16 +45,53 @@ def built_cache(tmp_path_factory):
     return cache
 
 
-def test_tiny_shapes_world_train_then_evaluate(built_cache, tmp_path):
-    workdir, cache = tmp_path / "run", built_cache
+@pytest.fixture(scope="module")
+def notebook_run(built_cache, tmp_path_factory):
+    """The Colab quickstart executed top to bottom in test mode: its main job is the :tiny
+    default job on the built world. Returns (workdir, the notebook's text, MIME types)."""
+    workdir = tmp_path_factory.mktemp("notebook") / "run"
+    env = {"LEAPALIGN_TEST_MODE": "1", "LEAPALIGN_WORKDIR": str(workdir),
+           "LEAPALIGN_CACHE_DIR": str(built_cache), "JAX_PLATFORMS": "cpu",
+           "FLUX_PATH": str(workdir.parent / "no-flux-here"),
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    with pytest.MonkeyPatch.context() as m:
+        for key, value in env.items():
+            m.setenv(key, value)
+        m.delenv("LEAPALIGN_REPO", raising=False)  # found from the notebook's folder
+        text, mimes = notebook.execute()
+    return workdir, text, mimes
+
+
+def test_quickstart_notebook_runs_in_test_mode(notebook_run, built_cache):
+    workdir, text, mimes = notebook_run
+    assert "test mode: True" in text
+    assert f"repository: {ROOT}" in text
+    installs = text.split("requirements to install:")[1].splitlines()[0].split()
+    assert installs and not any(r.split(">")[0].split("=")[0] in ("jax", "jaxlib", "libtpu")
+                                for r in installs), installs
+    # The before/after table, shown as Markdown, and the summary read from results.json.
+    assert "| model |" in text and "| base |" in text
+    assert re.search(r"\| leapalign \(step \d+\) \|", text), text
+    assert "acc_overall" in text and "-> aligned" in text
+    # An image grid (IPython.display.Image) and the two matplotlib figures.
+    assert mimes.count("image/png") >= 3, mimes
+    assert "reward_mean" in text and "TensorBoard not started" in text
+    assert "skipping the FLUX section: FLUX_PATH=" in text
+    assert "--config.model.lora.rank=" in text
+    # The run wrote to the given workdir and cache, not into the checkout.
+    assert (workdir / "results.md").is_file() and list((workdir / "images").glob("*.png"))
+    assert list(built_cache.glob("generator-*"))
+
+
+def test_tiny_shapes_world_train_then_evaluate(notebook_run, built_cache, tmp_path):
+    """The default job's outputs (run by the notebook): the table, each evaluation's
+    images and records; a second run only evaluates."""
+    workdir, cache = notebook_run[0], built_cache
     common = ["--config", "configs/toy_leapalign.py:tiny", "--workdir", str(workdir),
               f"--config.world.cache_dir={cache}"]
-    first = main(*common)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "| base |" in first.stdout and "| leapalign (step 2) |" in first.stdout
     assert len([f for f in os.listdir(cache) if f.endswith(".msgpack")]) == 3
     table = (workdir / "results.md").read_text()
-    assert "acc_overall" in table and "fd" in table
+    assert "acc_overall" in table and "fd" in table and "| leapalign (step 2) |" in table
 
     for name in ("base", "step_000002"):
         out = workdir / "eval" / name
@@ -102,3 +143,53 @@ def test_world_build_is_bitwise_reproducible_across_processes(built_cache, tmp_p
               if f.endswith(".msgpack")} for folder in (built_cache, tmp_path / "b")]
     assert list(files[0]) == list(files[1]) and len(files[0]) == 3
     assert all(files[0][f] == files[1][f] for f in files[0])
+
+
+def test_shipped_models_are_used_when_their_knobs_match_and_checked(built_cache, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A world with no cache of its own takes the shipped files (nothing is trained); a
+    shipped file that differs from its manifest is rebuilt; `rebuild.compare` reports
+    identical files and the size of a difference."""
+    from leapalign_jax.toy import autoencoder, cache, pretrain, reward, rebuild, shipped
+    from leapalign_jax.toy import world as toy_world
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "toy_leapalign.py:tiny"))
+    wc = config.world
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    monkeypatch.setattr(shipped, "MANIFEST", str(tmp_path / "shipped" / "manifest.json"))
+    record = rebuild.ship(str(built_cache), wc)
+    assert sorted(record["files"]) == sorted(toy_world.model_files(wc).values())
+    assert rebuild.compare(str(built_cache), wc)[0] == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a model that is shipped")
+
+    with monkeypatch.context() as m:
+        for module, name in ((autoencoder, "train_autoencoder"), (reward, "train_reward"),
+                             (pretrain, "pretrain")):
+            m.setattr(module, name, no_training)
+        wc.cache_dir = str(tmp_path / "fresh")
+        models = toy_world.build_models(wc)
+    for kind, name in toy_world.model_files(wc).items():  # and now cached there too
+        assert (tmp_path / "fresh" / name).read_bytes() == (built_cache / name).read_bytes()
+    like = cache.load_params(str(built_cache / toy_world.model_files(wc)["vae"]), models["vae"])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(like),
+                                                     jax.tree.leaves(models["vae"])))
+
+    # A rebuild that came out different is reported with the size of the difference.
+    name = toy_world.model_files(wc)["vae"]
+    other = tmp_path / "other"
+    shutil.copytree(built_cache, other)
+    first = jax.tree_util.tree_flatten_with_path(models["vae"])[0][0][0]
+    cache.save_params(str(other / name), jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.25 if path == first else a, models["vae"]))
+    differs, lines = rebuild.compare(str(other), wc)
+    assert differs == 1 and f"{name} DIFFERS: largest parameter difference 0.25" in lines[0], lines
+
+    # A damaged shipped file is not used: a warning, then the model is built.
+    damaged = tmp_path / "shipped" / name
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    assert shipped.load(name, lambda: models["vae"]) is None
+    assert "differs from its manifest" in caplog.text

@@ -311,3 +311,23 @@ def test_cache_round_trip_and_errors(tmp_path):
         cache.load_params(path, tree)
     with pytest.raises(FileNotFoundError):
         cache.load_params(str(tmp_path / "missing.msgpack"), tree)
+
+
+def test_shipped_models_are_the_default_worlds_and_intact():
+    """The files in toy/shipped_models/ are exactly the default knobs' (a knob change must
+    come with `python -m leapalign_jax.toy.rebuild --update`), match their manifest and
+    load as the models' trees."""
+    from leapalign_jax.toy import shipped, world
+
+    wc = world.shapes_config()
+    names = world.model_files(wc)
+    files = shipped.manifest()["files"]
+    assert sorted(files) == sorted(names.values()), (
+        "the shipped models are not the default knobs'; run "
+        "`python -m leapalign_jax.toy.rebuild --update` after changing them")
+    seed = jax.random.split(jax.random.key(wc.seed), 3)
+    likes = {"vae": lambda: autoencoder.init_autoencoder(seed[0]),
+             "reward": lambda: reward.init_reward(seed[1]),
+             "generator": lambda: world._init_generator(seed[2], wc.model)}
+    for kind, name in names.items():
+        assert shipped.load(name, likes[kind]) is not None, name

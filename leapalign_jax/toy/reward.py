@@ -3,10 +3,13 @@
 Two towers map an image and a caption to L2-normalised embeddings; the reward is their
 cosine similarity, as HPSv2 scores an image by the cosine of its CLIP embeddings.
 
-- Image tower: a small convnet at 8x8 (each 4x4 pixel patch one position) whose
-  non-negative feature maps are pooled into their mass and first moments along x and y
-  ("how much of feature c, and where"), then an MLP. The moments make "where" a linear
-  function of the image, which spatial relations need.
+- Image tower: a small convnet on a 16x16 grid (each 2x2 pixel patch one cell) whose
+  non-negative feature maps are pooled into "how much of feature c, and where": mass,
+  first moments, centre of mass, spread and skew, and mass at local peaks (a count of
+  blobs rather than their area). Sixteen more "object" maps give, for every pair of
+  them, the sign of their centres' difference along x and y ("object i is left of
+  object j"), and their peaks give counts that no colour or shape owns. Pooling makes
+  "where" a simple function of the image, which spatial relations need.
 - Text tower: a small transformer (the `Block`s of the generator's text encoder, with
   its own parameters) whose per-token features are flattened in word order before an
   MLP. A mean over tokens sees the same bag of words in "a red square and a blue
@@ -19,9 +22,10 @@ of the batch that an image also satisfies counts as a positive (e.g. "a circle" 
 image of "a red circle"), plus per image `num_negatives` hard negatives from
 `prompts.hard_negatives`: the caption with a colour or shape changed, a wrong count, the
 opposite relation, or the two objects' colours swapped. Position and attribute-binding
-prompts, the hard ones, are drawn more often (`CATEGORY_WEIGHTS`). Trained on
-train-split prompts only; `pairwise_accuracy` on held-out prompts measures how often the
-true caption beats each of its hard negatives.
+prompts, the hard ones, are drawn more often (`CATEGORY_WEIGHTS`), and same-colour
+position prompts, told apart by shape alone, more often still. Trained on train-split
+prompts only; `pairwise_accuracy` on held-out prompts measures how often the true caption
+beats each of its hard negatives.
 """
 
 from __future__ import annotations
@@ -42,9 +46,13 @@ from leapalign_jax.toy.prompts import Prompt
 from leapalign_jax.toy.text_encoder import Block
 
 EMBED_DIM = 64
+VERSION = 2  # of the architecture and training recipe; part of the cache file name
+NUM_OBJECT_MAPS = 16  # maps whose pairwise centre differences the image tower pools
+PATCH = 2  # pixels per cell of the image tower's grid: 32x32 images -> 16x16
+SAME_COLOUR_POSITION_COPIES = 3  # see `reward_training_pool`
 # How often each category is drawn in reward training, relative to the others.
-CATEGORY_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0,
-                    "position": 5.0, "color_attr": 2.0}
+CATEGORY_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 4.0, "colors": 1.0,
+                    "position": 10.0, "color_attr": 2.0}
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -52,26 +60,78 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 
 class ImageTower(nn.Module):
-    """(B, 32, 32, 3) in [0, 1] -> unnormalised embeddings (B, embed_dim)."""
+    """(B, 32, 32, 3) in [0, 1] -> unnormalised embeddings (B, embed_dim).
+
+    A convnet on a `32 / patch` grid, whose non-negative feature maps are pooled into
+    "how much of feature c, and where" (`_pool`), plus `NUM_OBJECT_MAPS` object maps whose
+    pairwise centre differences say which object is left of / above which (`_pairs`).
+    """
 
     width: int = 64
     depth: int = 2
+    patch: int = PATCH
     embed_dim: int = EMBED_DIM
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = nn.Conv(self.width, (3, 3))(space_to_depth(images * 2.0 - 1.0, 4))
+        x = nn.Conv(self.width, (3, 3))(space_to_depth(images * 2.0 - 1.0, self.patch))
         for _ in range(self.depth):
             x = ResBlock(self.width)(x)
-        h = nn.relu(nn.Conv(self.width, (1, 1))(nn.silu(x)))  # (B, 8, 8, C) >= 0
-        n = h.shape[1]
-        coord = (jnp.arange(n) + 0.5) / n * 2.0 - 1.0  # pixel-centre coordinates in [-1, 1]
-        mass = jnp.sum(h, axis=(1, 2))
-        mx = jnp.sum(h * coord[None, None, :, None], axis=(1, 2))
-        my = jnp.sum(h * coord[None, :, None, None], axis=(1, 2))
-        # /8: an object covers about 8 positions, so the moments are O(1) per object.
-        z = nn.LayerNorm()(jnp.concatenate([mass, mx, my], axis=-1) / 8.0)
+        # Scaled so that an object covers about 8 units of mass at any grid size.
+        area = (self.patch / 4.0) ** 2
+        h = area * nn.relu(nn.Conv(self.width, (1, 1))(nn.silu(x)))  # (B, n, n, C) >= 0
+        o = area * nn.relu(nn.Conv(NUM_OBJECT_MAPS, (1, 1))(nn.silu(x)))  # (B, n, n, K)
+        # Counts that no colour or shape owns: the peaks of the object maps and of all
+        # features together, so "two" vs "three" transfers to colour-shape pairs never
+        # counted in training.
+        counts = [_peak_mass(o), _peak_mass(jnp.sum(h, axis=-1, keepdims=True) / 8.0)]
+        z = nn.LayerNorm()(jnp.concatenate(_pool(h) + _pairs(o) + counts, axis=-1) / 8.0)
         return nn.Dense(self.embed_dim)(nn.silu(nn.Dense(4 * self.embed_dim)(z)))
+
+
+def _coords(n: int) -> tuple[jax.Array, jax.Array]:
+    """Pixel-centre coordinates in [-1, 1], shaped to broadcast against (B, n, n, C)."""
+    c = (jnp.arange(n) + 0.5) / n * 2.0 - 1.0
+    return c[None, None, :, None], c[None, :, None, None]  # x (columns), y (rows)
+
+
+def _pool(h: jax.Array) -> list[jax.Array]:
+    """Per channel of `h` (B, n, n, C): mass, first moments, centre of mass, central 2nd
+    and 3rd moments and local-maxima mass, each (B, C)."""
+    x, y = _coords(h.shape[1])
+    mass = jnp.sum(h, axis=(1, 2))
+    mx, my = jnp.sum(h * x, axis=(1, 2)), jnp.sum(h * y, axis=(1, 2))
+    # Centre of mass (soft-argmax): where feature c is, independent of how much of it
+    # there is, so "x_a < x_b" is linear in the features.
+    cx, cy = mx / (mass + 0.1), my / (mass + 0.1)
+    # Spread and skew of where feature c is: with two objects of one colour, the skew
+    # says on which side of their common centre the bigger one lies.
+    w = h / (mass[:, None, None, :] + 0.1)
+    dx, dy = x - cx[:, None, None, :], y - cy[:, None, None, :]
+    moments = [8.0 * jnp.sum(w * dx ** 2, axis=(1, 2)), 8.0 * jnp.sum(w * dy ** 2, axis=(1, 2)),
+               32.0 * jnp.sum(w * dx ** 3, axis=(1, 2)), 32.0 * jnp.sum(w * dy ** 3, axis=(1, 2))]
+    return [mass, mx, my, 8.0 * cx, 8.0 * cy, *moments, _peak_mass(h)]
+
+
+def _peak_mass(h: jax.Array) -> jax.Array:
+    """Per channel of `h` (B, n, n, C), its mass at local maxima (3x3): about one peak per
+    blob, so a count of objects rather than their area (four triangles cover about what
+    three squares do). (B, C)."""
+    peak = jax.lax.stop_gradient(h >= nn.max_pool(h, (3, 3), padding="SAME"))
+    return jnp.sum(h * peak, axis=(1, 2))
+
+
+def _pairs(o: jax.Array) -> list[jax.Array]:
+    """For every pair i < j of the object maps `o` (B, n, n, K): the sign-like difference
+    of their centres along x and y, gated by both being present (B, K(K-1)/2) each."""
+    x, y = _coords(o.shape[1])
+    mass = jnp.sum(o, axis=(1, 2))
+    ox, oy = jnp.sum(o * x, axis=(1, 2)) / (mass + 0.1), jnp.sum(o * y, axis=(1, 2)) / (mass + 0.1)
+    present = mass / (mass + 1.0)
+    i, j = np.triu_indices(o.shape[-1], 1)
+    gate = present[:, i] * present[:, j]
+    return [8.0 * jnp.tanh(4.0 * (ox[:, i] - ox[:, j])) * gate,
+            8.0 * jnp.tanh(4.0 * (oy[:, i] - oy[:, j])) * gate]
 
 
 class TextTower(nn.Module):
@@ -204,8 +264,17 @@ def make_batch(rng: np.random.Generator, batch: int, num_negatives: int,
             "positive": positive}
 
 
+def reward_training_pool() -> list[Prompt]:
+    """The train split, with each same-colour position prompt ("a red square above a red
+    triangle") `SAME_COLOUR_POSITION_COPIES` times: only shape tells those two objects
+    apart, and they are a fifth of the position prompts."""
+    pool = list(prompts.train_prompts())
+    same = [p for p in pool if p.category == "position" and p.objects[0][0] == p.objects[1][0]]
+    return pool + same * (SAME_COLOUR_POSITION_COPIES - 1)
+
+
 def train_reward(rng: jax.Array, steps: int = 2000, batch: int = 32,
-                 num_negatives: int = 4, learning_rate: float = 2e-3,
+                 num_negatives: int = 6, learning_rate: float = 2e-3,
                  progress: bool = True, return_losses: bool = False):
     """Trains the reward model contrastively on train-split prompts: Adam with global-norm
     clipping, linear warm-up, cosine decay to 5% of the peak rate.
@@ -230,7 +299,7 @@ def train_reward(rng: jax.Array, steps: int = 2000, batch: int = 32,
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    pool = prompts.train_prompts()
+    pool = reward_training_pool()
     (params, _), losses = utils.fit(
         step, (params, tx.init(params)),
         lambda i: make_batch(data, batch, num_negatives, pool), steps, "reward", progress)
