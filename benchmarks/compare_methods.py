@@ -223,6 +223,10 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
 
 
+def _gain(mean: float, se: float) -> str:
+    return f"{mean:+.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+
+
 def summarize(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[str, dict]:
     """The markdown table (last evaluation point, mean ± std over seeds) and its numbers."""
     metrics = ["reward", "acc_overall"] + [f"acc_{c}" for c in CATEGORIES] + ["fd"]
@@ -253,8 +257,7 @@ def summarize(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[st
         se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else math.nan
         summary[name].update(gain=float(gain.mean()), gain_se=se)
         cells = [_cell(columns[m], 4 if m == "reward" else 3) for m in metrics]
-        cells = [row["label"], row["layout"]] + cells[:2] + [
-            f"{gain.mean():+.3f} ± {se:.3f}"] + cells[2:]
+        cells = [row["label"], row["layout"]] + cells[:2] + [_gain(gain.mean(), se)] + cells[2:]
         cells += [_cell(columns["s_per_iter"], 3), _cell(columns["peak_mib"], 0), f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
@@ -292,8 +295,8 @@ def equal_time(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> tuple[s
         summary[name] = {"acc": float(np.mean(accs)), "gain": float(gain.mean()), "se": se,
                          "iterations": [int(i) for i in iters], "budget_s": float(budget)}
         lines.append(f"| {rows[name]['label']} | {'/'.join(map(str, iters))} | "
-                     f"{_cell(list(accs), 3)} | {gain.mean():+.3f} ± {se:.3f} | "
-                     f"{gain.mean() / se if se > 0 else math.nan:.1f} |")
+                     f"{_cell(list(accs), 3)} | {_gain(gain.mean(), se)} | "
+                     f"{f'{gain.mean() / se:.1f}' if se > 0 else '-'} |")
     return "\n".join(lines), summary
 
 

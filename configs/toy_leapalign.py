@@ -3,8 +3,9 @@
     python -m leapalign_jax.main --config configs/toy_leapalign.py --workdir runs/toy
     python -m leapalign_jax.main --config configs/toy_leapalign.py:refl --workdir runs/refl
 
-The first run builds the world (autoencoder, reward model, pretrained tiny Flux) into
-`cache/shapes/` and reuses it afterwards. The run ends with a before/after table on
+The world's models (autoencoder, reward model, pretrained tiny Flux) are the ones shipped
+in `leapalign_jax/toy/shipped_models/` (copied into `cache/shapes/`); with other world
+knobs, or `--config.world.prebuilt=False`, they are built there on first use. The run ends with a before/after table on
 held-out prompts: reward, exact-checker accuracy per category, Fréchet distance.
 The variant after ':' is a comma-separated list: a method name picks another method on
 the same world, budget and prompts; "tiny" shrinks everything to a seconds-long smoke run

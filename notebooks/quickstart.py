@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -21,15 +22,15 @@
 # 1. **Install** the project on top of the runtime's own JAX.
 # 2. **Align the shapes world**: a miniature, offline text-to-image benchmark (32x32
 #    images of coloured shapes, a learned reward model, an exact checker). The run
-#    builds its models on first use, evaluates the base model on held-out prompts,
-#    aligns it, evaluates again and prints a before/after table.
+#    takes the world's models as shipped with the project, evaluates the base model on
+#    held-out prompts, aligns it, evaluates again and prints a before/after table.
 # 3. **Look at the results**: the table, image grids, the reward curve, TensorBoard.
 # 4. **Align FLUX.1 with LoRA** from a folder on Drive or GCS, when you have one and an
 #    accelerator large enough for it (see the memory notes there).
 #
 # In Colab pick a runtime under *Runtime > Change runtime type*: the shapes world runs
-# on any of them, CPU included (about twenty minutes on 2 CPU cores, most of it building
-# the world's models once); a TPU or GPU runtime is faster.
+# on any of them, CPU included (several minutes on 2 CPU cores); a TPU or GPU runtime is
+# faster.
 #
 # Every run goes through the command line, `python -m leapalign_jax.main --config ...
 # --workdir ...`, in a subprocess. The notebook's own Python process never imports JAX:
@@ -152,10 +153,10 @@ else:
 #
 # `configs/toy_leapalign.py` is the project's main job: LeapAlign (two leaps per
 # rollout, nested-gradient discount `alpha`, trajectory-similarity weighting) on the
-# shapes world, 100 iterations of batch 32 with 25 Euler steps. Its first run builds the
-# world's models into the cache folder (an autoencoder as the VAE, a CLIP-style reward
-# model, a pretrained tiny Flux) and reuses them afterwards; on 2 CPU cores building
-# takes about 15 minutes and the alignment a few more.
+# shapes world, 100 iterations of batch 32 with 25 Euler steps. The world's models (an
+# autoencoder as the VAE, a CLIP-style reward model, a pretrained tiny Flux) ship with
+# the project and are copied into the cache folder; other world knobs build them there
+# on first use (about 25 minutes on 2 CPU cores).
 #
 # The `:tiny` variant shrinks everything to a seconds-long smoke run (its numbers mean
 # nothing); test mode uses it. Running the cell again with the same `WORKDIR` resumes
