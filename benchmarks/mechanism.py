@@ -143,18 +143,13 @@ def velocity_effects_fn(world, latents, batch):
 
 def category_gains(path: str) -> dict[str, dict[str, float]]:
     """method -> {position, color_attr, overall}: held-out accuracy gain over the base,
-    from a compare_methods.py results.json (mean over its seeds)."""
+    mean over seeds, from a compare_methods.py results.json."""
     with open(path, encoding="utf-8") as f:
         results = json.load(f)
-    rows = results.get("summary", results)
-    base = rows["base"]
-    gains = {}
-    for name, row in rows.items():
-        if name == "base" or not isinstance(row, dict):
-            continue
-        gains[name] = {k: row[k] - base[k] for k in ("position", "color_attr", "overall")
-                       if k in row and k in base}
-    return gains
+    base = results["base"]["points"][0]["results"]
+    keys = ("position", "color_attr", "overall")
+    return {name: {k: row[f"acc_{k}"]["mean"] - base[f"acc_{k}"] for k in keys}
+            for name, row in results["summary"].items()}
 
 
 def plot(profiles: dict[str, np.ndarray], sigmas: np.ndarray, path: str) -> None:

@@ -86,3 +86,20 @@ def test_compare_methods_tables_at_equal_iterations_and_equal_time():
     assert abs(by_time["alignprop"]["gain"] - 0.07) < 1e-9
     assert abs(by_time["leapalign"]["gain"] - 0.12) < 1e-9
     assert "| alignprop | 50/50/50 | 0.470 ± 0.000 |" in timed
+
+
+def test_mechanism_reads_the_gains_of_a_compare_methods_results_file(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import json
+
+    import mechanism
+
+    base = {"acc_overall": 0.4, "acc_position": 0.05, "acc_color_attr": 0.06}
+    summary = {"leapalign": {k: {"mean": v + 0.1, "std": 0.01} for k, v in base.items()},
+               "refl": {k: {"mean": v - 0.02, "std": 0.01} for k, v in base.items()}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"base": {"points": [{"results": base}]}, "summary": summary}))
+    gains = mechanism.category_gains(str(path))
+    assert set(gains) == {"leapalign", "refl"}
+    assert all(abs(gains["leapalign"][k] - 0.1) < 1e-12 for k in ("position", "color_attr", "overall"))
+    assert abs(gains["refl"]["overall"] + 0.02) < 1e-12
