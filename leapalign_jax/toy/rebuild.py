@@ -1,6 +1,6 @@
 """Rebuilds the shipped shapes-world models from scratch and compares them bit for bit.
 
-    python -m leapalign_jax.toy.rebuild --check              # ~25 min on 2 CPU cores
+    python -m leapalign_jax.toy.rebuild --check              # ~28 min on 2 CPU cores
     python -m leapalign_jax.toy.rebuild --check --out DIR    # keep the rebuilt files in DIR
     python -m leapalign_jax.toy.rebuild --update [--out DIR] # ship what is built in DIR
 

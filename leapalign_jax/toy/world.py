@@ -40,7 +40,7 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.name = "shapes"
     c.cache_dir = "cache/shapes"  # built models; reused by every run with the same knobs
     # Take the models shipped in leapalign_jax/toy/shipped/ when their knobs match these
-    # (seconds instead of ~25 minutes of building on 2 CPU cores); False builds them.
+    # (seconds instead of ~28 minutes of building on 2 CPU cores); False builds them.
     # `python -m leapalign_jax.toy.rebuild --check` rebuilds them and compares bit for bit.
     c.prebuilt = True
     c.seed = 0  # seed of the world's models (independent of the run's config.seed)
