@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from leapalign_jax import paths
 from leapalign_jax.toy import shipped
 from leapalign_jax.toy.world import build_models, model_files, shapes_config
 
@@ -38,7 +39,7 @@ COMMAND = "python -m leapalign_jax.toy.rebuild --check"
 
 def largest_difference(a_path: str, b_path: str) -> float:
     """Max |a - b| over all parameters of two msgpack trees of one structure."""
-    a, b = (serialization.msgpack_restore(open(p, "rb").read()) for p in (a_path, b_path))
+    a, b = (serialization.msgpack_restore(paths.read_bytes(p)) for p in (a_path, b_path))
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="rebuild and compare with the manifest")
     mode.add_argument("--update", action="store_true", help="ship the models built in --out")
-    parser.add_argument("--out", default="", help="folder to build into (default: a new "
-                        "temporary one); --check needs it empty or absent")
+    parser.add_argument("--out", default="", help="local folder to build into (default: a "
+                        "new temporary one); --check needs it empty or absent")
     args = parser.parse_args(argv)
 
     wc = shapes_config()

@@ -39,7 +39,7 @@ def shapes_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "shapes"
     c.cache_dir = "cache/shapes"  # built models; reused by every run with the same knobs
-    # Take the models shipped in leapalign_jax/toy/shipped/ when their knobs match these
+    # Take the models shipped in leapalign_jax/toy/shipped_models/ when their knobs match these
     # (seconds instead of ~28 minutes of building on 2 CPU cores); False builds them.
     # `python -m leapalign_jax.toy.rebuild --check` rebuilds them and compares bit for bit.
     c.prebuilt = True
@@ -241,7 +241,8 @@ def build(config: ml_collections.ConfigDict) -> World:
                               "prompt_file": wc.prompt_file,
                               "num_steps": wc.num_steps, "seed": wc.seed,
                               "guidance_scale": wc.guidance_scale,
-                              "ae_steps": wc.ae_steps, "reward_steps": wc.reward_steps},
+                              "ae_steps": wc.ae_steps, "reward_steps": wc.reward_steps,
+                              "reward_version": reward.VERSION},
                  evaluate=evaluate)
 
 
