@@ -137,6 +137,8 @@ def make_config(job: dict[str, Any]):
                         checkpoint_every=10 ** 9, keep_checkpoints=1)
     if job.get("learning_rate"):
         config.optim.learning_rate = job["learning_rate"]
+    if job.get("hinge_lambda") is not None:
+        config.method.hinge_lambda = job["hinge_lambda"]
     return config
 
 
@@ -371,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluate the EMA params every N steps; default 25, quick: 5")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="AdamW learning rate of every run (default: the config's)")
+    p.add_argument("--hinge-lambda", type=float, default=None,
+                   help="lambda of every run's hinge max(0, lambda - r) (default: the "
+                        "config's, 1.0; GRPO has no hinge)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                    help="where results.md, results.json and accuracy.png go")
     p.add_argument("--workdir", default=None, help="runs and logs; default "
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                     overrides=overrides, layout=layout, eval_points=points,
                     cache_dir=os.path.abspath(args.cache_dir), world=world,
                     steps=args.steps, batch_size=args.batch_size, workdir=folder,
-                    learning_rate=args.learning_rate,
+                    learning_rate=args.learning_rate, hinge_lambda=args.hinge_lambda,
                     eval_dir=os.path.join(folder, "eval", "base"),
                     result_file=os.path.join(folder, "result.json"))
 
@@ -476,7 +481,10 @@ def main(argv: list[str] | None = None) -> None:
     table, summary = summarize(rows, base)
     note = (f"{'Quick' if args.quick else 'Full'} mode: {args.steps} iterations, "
             f"{args.batch_size} reward evaluations per iteration, seeds {args.seeds}, "
-            f"T={num_steps} training steps, evaluation with "
+            f"T={num_steps} training steps, "
+            + (f"learning rate {args.learning_rate:g}, " if args.learning_rate else "")
+            + (f"hinge lambda {args.hinge_lambda:g}, " if args.hinge_lambda is not None else "")
+            + "evaluation with "
             f"{world.get('eval_steps', wc.eval_steps)} steps x {wc.images_per_category} "
             "held-out images per category at the EMA params. Mean ± std over seeds at the "
             "last evaluation point; s/iter counts optimizer steps only; peak memory is the "

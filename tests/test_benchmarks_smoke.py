@@ -103,3 +103,18 @@ def test_mechanism_reads_the_gains_of_a_compare_methods_results_file(tmp_path):
     assert set(gains) == {"leapalign", "refl"}
     assert all(abs(gains["leapalign"][k] - 0.1) < 1e-12 for k in ("position", "color_attr", "overall"))
     assert abs(gains["refl"]["overall"] + 0.02) < 1e-12
+
+
+def test_compare_methods_overrides_reach_every_runs_config():
+    """--learning-rate and --hinge-lambda land in each job's config; left out, the config's
+    values stay."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare_methods as cm
+
+    job = dict(method="refl", cache_dir="/tmp/c", world={}, overrides={"anchor_coef": 1.0},
+               seed=2, steps=3, batch_size=4, learning_rate=None, hinge_lambda=None)
+    plain = cm.make_config(job)
+    tuned = cm.make_config({**job, "learning_rate": 1e-4, "hinge_lambda": 0.6})
+    assert (plain.method.hinge_lambda, plain.optim.learning_rate) == (1.0, 3e-5)
+    assert (tuned.method.hinge_lambda, tuned.optim.learning_rate) == (0.6, 1e-4)
+    assert tuned.method.anchor_coef == 1.0 and tuned.seed == 2 and tuned.train.steps == 3

@@ -193,3 +193,26 @@ def test_shipped_models_are_used_when_their_knobs_match_and_checked(built_cache,
     damaged.write_bytes(bytes(data))
     assert shipped.load(name, lambda: models["vae"]) is None
     assert "differs from its manifest" in caplog.text
+
+
+def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
+    """benchmarks/reward_signal.py: best-of-N picks the highest-reward sample, the ceiling
+    bounds the pick, descent on the hinge raises the reward, and a lambda below every
+    reward leaves the latents where they are."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import reward_signal
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    result = reward_signal.main(["--tiny", "--cache-dir", str(cache), "--per-category", "2",
+                                 "--samples", "3", "--step", "0.5", "--ascent-steps", "3",
+                                 "--hinge-lambdas", "1.0", "-1.0",
+                                 "--out", str(tmp_path / "out")])
+    rank = result["ranking"]
+    assert rank["reward_pick_mean"] >= rank["reward_one"]
+    assert all(rank["any_correct"][c] >= rank["reward_pick"][c] for c in rank["reward_pick"])
+    plain, none = (run["points"] for run in result["ascent"])
+    assert [p["step"] for p in plain] == [0, 3] and plain[0]["latent_rms_change"] == 0
+    assert plain[-1]["reward"] > plain[0]["reward"] and plain[-1]["latent_rms_change"] > 1
+    assert none[-1]["latent_rms_change"] == 0 and none[-1]["reward"] == none[0]["reward"]
+    assert "the reward's pick" in (tmp_path / "out" / "reward_signal.md").read_text()
