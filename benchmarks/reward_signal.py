@@ -45,25 +45,17 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from leapalign_jax import config_lib, flow, sampling
-    from leapalign_jax.toy import pretrain, prompts
     from leapalign_jax.toy import world as shapes
 
     config = config_lib.load_config(os.path.join(REPO, "configs", "toy_leapalign.py")
                                     + (":tiny" if args.tiny else ""))
     if args.cache_dir:
         config.world.cache_dir = args.cache_dir
-    wc = config.world
-    models = shapes.build_models(wc)
     world = shapes.build(config)
-    pipe, frozen = world.pipe, world.frozen
-    everything = prompts.all_prompts()
-    index = {p.text: i for i, p in enumerate(everything)}
-    table = pretrain.encode_prompts(models["generator"]["text"], wc.model,
-                                    [p.text for p in everything])
+    pipe, frozen, wc = world.pipe, world.frozen, config.world
     specs = shapes.heldout_specs(args.per_category)
-    ids = np.asarray([index[p.text] for p in specs])
-    batch = {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
-             "tokens": table["tokens"][ids]}
+    # The models are in the cache now: this reads the generator's text encoder back.
+    batch = shapes.prompt_batcher(shapes.build_models(wc)["generator"], wc)(specs)
     velocity = sampling.conditioned_velocity(pipe, batch)
 
     def reward_of_latent(x):

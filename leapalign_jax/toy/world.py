@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -173,23 +173,31 @@ def read_prompt_file(path: str) -> list[prompts.Prompt]:
     return chosen
 
 
+def prompt_batcher(generator: Params, wc: ml_collections.ConfigDict
+                   ) -> Callable[[Sequence[prompts.Prompt]], Batch]:
+    """`batch_of(chosen prompts) -> Batch`: every shapes-world prompt's text features,
+    encoded once by the generator's frozen text encoder, then looked up."""
+    every = prompts.all_prompts()
+    index = {p.text: i for i, p in enumerate(every)}
+    table = pretrain.encode_prompts(generator["text"], wc.model, [p.text for p in every])
+
+    def batch_of(chosen: Sequence[prompts.Prompt]) -> Batch:
+        ids = np.asarray([index[p.text] for p in chosen])
+        return {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
+                "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
+
+    return batch_of
+
+
 def build(config: ml_collections.ConfigDict) -> World:
     """The shapes world for `config` (models built or loaded from the cache)."""
     wc = config.world
     pool = read_prompt_file(wc.prompt_file) if wc.prompt_file else prompts.train_prompts()
     models = build_models(wc)
     flux = Flux(pretrain.flux_config(wc.model))
-    all_prompts = prompts.all_prompts()
-    index = {p.text: i for i, p in enumerate(all_prompts)}
-    table = pretrain.encode_prompts(models["generator"]["text"], wc.model,
-                                    [p.text for p in all_prompts])
+    batch_of = prompt_batcher(models["generator"], wc)
     uncond = pretrain.encode_prompts(models["generator"]["text"], wc.model, [""])
     uncond = {"txt": uncond["txt"][0], "y": uncond["y"][0]}
-
-    def batch_of(chosen) -> Batch:
-        ids = np.asarray([index[p.text] for p in chosen])
-        return {"cond": {"txt": table["txt"][ids], "y": table["y"][ids]},
-                "tokens": table["tokens"][ids], "prompt_id": ids.astype(np.int32)}
 
     stream = data.PromptStream(len(pool), config.train.batch_size, config.seed) \
         if wc.prompt_file else None
