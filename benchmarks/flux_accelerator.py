@@ -3,18 +3,28 @@
     python benchmarks/flux_accelerator.py                 # GPU/TPU: hidden 3072, 2+4 blocks
     python benchmarks/flux_accelerator.py --depth 19 --single 38 --batch 1   # full depth
     python benchmarks/flux_accelerator.py --tiny          # CPU smoke test, seconds
+    python benchmarks/flux_accelerator.py --method alignprop --no-torch   # another method
+    python benchmarks/flux_accelerator.py --depth 19 --single 38 --lora-rank 64 \
+        --resolution 720 --no-torch      # FLUX.1-dev's full depth, LoRA (one H100)
 
 A Flux of FLUX.1-dev's width (hidden 3072, 24 heads, head dim 128, T5/CLIP input widths)
 with fewer blocks (default 2 double + 4 single, ~1.25B params), at 512x512 (32x32 = 1024
 latent tokens, 512 text tokens), bfloat16 compute with float32 params, T = 25, trained by
 the trainer's own LeapAlign step (`train.make_train_step`, state donated) on the random_flux
 world's identity-like decoder and reward (`plan.standin_decode`, no VAE or reward model).
+`--method` trains another method's step on the same model instead (one method per process,
+so the peak memory is that method's own). `--lora-rank r` trains rank-r adapters (alpha r)
+of every attention and MLP kernel with the base frozen in bfloat16, as
+`configs/flux_dev.py:lora` does, which is how FLUX.1-dev's full depth fits one GPU; the base
+is random (normal, std 0.02; norm scales 1), which costs the same time as real weights.
 
 Prints, one `key: value` per line:
 
-- s/iter of the train step (median after compilation), its FLOPs per iteration
-  (`cost_analysis()` plus the rollout's further loop trips, as `leapalign_jax.plan` counts
-  them), achieved TFLOP/s and MFU against the chip's bf16 dense peak;
+- s/iter of the train step (median after compilation), its FLOPs per iteration (the matmul
+  FLOPs of its jaxpr, loops times their trips and remat's recomputation included, as
+  `leapalign_jax.plan` counts them), achieved TFLOP/s and MFU against the chip's bf16 dense
+  peak (recomputation counted, so a hardware utilisation); `--flops-only` prints the FLOPs
+  from shapes alone, on any host;
 - peak device memory (`memory_stats()['peak_bytes_in_use']`) and the compiled temp bytes;
 - rollout throughput (images/s of the T-step Euler sampler, no gradient) of our jitted
   sampler against a FluxPipeline-style torch loop over diffusers' `FluxTransformer2DModel`
@@ -37,9 +47,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from leapalign_jax import flow, plan, train  # noqa: E402
 from leapalign_jax.config_lib import base_config  # noqa: E402
-from leapalign_jax.models.flux import FLUX_DEV, Flux, FluxConfig, init_params  # noqa: E402
-from leapalign_jax.pipeline import Pipeline  # noqa: E402
-from leapalign_jax.world import flux_velocity  # noqa: E402
+from leapalign_jax.models import lora  # noqa: E402
+from leapalign_jax.models.flux import (FLUX_DEV, Flux, FluxConfig, abstract_params,  # noqa: E402
+                                       init_params)
+from leapalign_jax.pipeline import Pipeline, World  # noqa: E402
+from leapalign_jax.world import flux_velocity, with_lora  # noqa: E402
 
 TINY = FluxConfig(in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32,
                   num_heads=2, axes_dim=(4, 6, 6), depth=1, depth_single_blocks=1)
@@ -53,6 +65,19 @@ def peak_flops(device) -> float | None:
         if name in kind:
             return plan.CHIPS[key].peak_flops
     return None
+
+
+def random_base(mc: FluxConfig, dtype=jnp.bfloat16) -> dict:
+    """Random params of `mc` made leaf by leaf in `dtype`, so a 12B base never exists in
+    float32 on the device (48 GB, beside the 24 GB bfloat16 copy)."""
+    shapes = jax.tree.map(lambda x: x.shape, plan._unbox(abstract_params(mc)),
+                          is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    paths, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.key(0), len(paths))
+    leaves = [jnp.ones(shape, dtype) if str(path[-1]).endswith("'scale']")
+              else (0.02 * jax.random.normal(k, shape)).astype(dtype)
+              for (path, shape), k in zip(paths, keys)]
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def timed(fn, runs: int) -> tuple[float, float]:
@@ -115,6 +140,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots_saveable"])
     parser.add_argument("--runs", type=int, default=3, help="timed calls after compilation")
+    parser.add_argument("--method", default="leapalign",
+                        choices=["leapalign", "refl", "drtune", "draft_lv", "alignprop"],
+                        help="the method whose train step is timed (its default knobs)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train rank-r LoRA adapters, the base frozen in bfloat16 (0: all)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="trace the step from shapes and print its FLOPs (any host)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch rollout")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model at 64x64 pixels, T=2, on any backend (smoke test)")
@@ -129,6 +161,7 @@ def main() -> None:
     side = args.resolution // 16  # VAE /8, then 2x2 patches
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()})")
+    print(f"method: {args.method}")
     print(f"model: Flux {mc.depth}+{mc.depth_single_blocks} blocks, hidden {mc.hidden_size}, "
           f"{mc.num_heads} heads, {mc.dtype}, remat {mc.remat}; {side * side} image + "
           f"{args.text_len} text tokens, T={args.steps}, batch {args.batch}")
@@ -139,13 +172,33 @@ def main() -> None:
                                flow.text_ids(args.text_len), 3.5 if mc.guidance_embed else None),
         decode=plan.standin_decode, reward=plan.standin_reward, sigmas=sigmas,
         latent_shape=(side * side, mc.in_channels))
-    config = base_config("leapalign")
+    config = base_config(args.method)
     config.method.hinge_lambda = 1.0  # the stand-in reward lies in (-1, 1)
     optimizer = train.make_optimizer(config.optim)
-    params = init_params(mc, jax.random.key(0))
+    frozen, assemble = {}, None
+    if args.lora_rank:
+        base = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                             plan._unbox(abstract_params(mc))) if args.flops_only
+                else random_base(mc))
+        world = with_lora(
+            World(pipe=pipe, params=base, param_axes=abstract_params(mc), frozen={},
+                  train_batch=None, eval_batch=None, fingerprint={}, model=mc),
+            lora.lora_config(rank=args.lora_rank, alpha=float(args.lora_rank)), seed=0)
+        params, frozen, assemble = world.params, world.frozen, world.assemble
+        n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+        print(f"frozen_base_params: {n_base} ({n_base / 1e9:.3f}B, bfloat16)")
+    elif args.flops_only:
+        params = plan._unbox(abstract_params(mc))
+    else:
+        params = init_params(mc, jax.random.key(0))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"params: {n_params / 1e9:.3f}B")
-    state = jax.jit(lambda p: train.create_train_state(p, optimizer, 0))(params)
+    print(f"params: {n_params} ({n_params / 1e9:.3f}B" +
+          (", LoRA adapters)" if args.lora_rank else ")"))
+    create = lambda p: train.create_train_state(p, optimizer, 0)  # noqa: E731
+    # params donated: the device then holds the state alone, so the peak is the step's own.
+    state = (jax.eval_shape(create, params) if args.flops_only
+             else jax.jit(create, donate_argnums=(0,))(params))
+    del params
     rs = np.random.default_rng(0)
     batch = {"cond": {
         "txt": jnp.asarray(rs.standard_normal((args.batch, args.text_len, mc.context_in_dim)),
@@ -154,28 +207,34 @@ def main() -> None:
         "prompt_id": jnp.arange(args.batch, dtype=jnp.int32)}
 
     step = jax.jit(train.make_train_step(pipe, config.method, optimizer, config.optim.ema_decay,
-                                         config.optim.grad_clip), donate_argnums=(0,))
+                                         config.optim.grad_clip, assemble),
+                   donate_argnums=(0,))
     t0 = time.perf_counter()
-    traced = step.trace(state, {}, batch)
+    traced = step.trace(state, frozen, batch)
+    # The matmul FLOPs the step executes, from its jaxpr: loop bodies times their trips and
+    # remat's recomputation included. XLA's cost_analysis is no substitute on GPU, where it
+    # counts no FLOPs in library calls (cuBLAS GEMMs, fused attention).
+    flops, _, _ = plan.matmul_flops(traced.jaxpr)
+    print(f"train_flops_per_iter: {flops:.4e}")
+    if args.flops_only:
+        return
     compiled = traced.lower().compile()
     print(f"compile_s: {time.perf_counter() - t0:.1f}")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    total, once, _ = plan.matmul_flops(traced.jaxpr)
-    flops = float(cost.get("flops", 0.0)) + (total - once)
+    print(f"xla_cost_analysis_flops: {float(cost.get('flops', 0.0)):.4e} (loop bodies once)")
     temp = compiled.memory_analysis().temp_size_in_bytes
 
     holder = {"state": state}
 
     def train_once():
-        holder["state"], metrics = compiled(holder["state"], {}, batch)
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
         jax.block_until_ready(metrics)
 
     _, s_iter = timed(train_once, args.runs)
     tflops = flops / s_iter / 1e12
     peak = peak_flops(device)
     print(f"train_s_per_iter: {s_iter:.4f}")
-    print(f"train_flops_per_iter: {flops:.4e}")
     print(f"train_tflops_per_s: {tflops:.2f}")
     print("train_mfu: " + (f"{tflops * 1e12 / peak:.3f} (peak {peak / 1e12:.0f} TFLOP/s bf16)"
                            if peak else "n/a (no known peak for this device)"))
@@ -185,14 +244,16 @@ def main() -> None:
                               if "peak_bytes_in_use" in stats else "n/a (no memory_stats)"))
 
     x0 = jax.random.normal(jax.random.key(1), (args.batch, side * side, mc.in_channels))
-    sample = jax.jit(lambda p, x: flow.sample(
-        lambda q, xx, s: pipe.velocity(q, xx, s, batch["cond"]), p, x, sigmas))
-    _, s_roll = timed(lambda: jax.block_until_ready(sample(holder["state"].params, x0)),
-                      args.runs)
+    # frozen is an argument, not a closure: a closed-over base would become a constant.
+    sample = jax.jit(lambda p, fr, x: flow.sample(
+        lambda q, xx, s: pipe.velocity(q, xx, s, batch["cond"]),
+        assemble(p, fr) if assemble else p, x, sigmas))
+    _, s_roll = timed(
+        lambda: jax.block_until_ready(sample(holder["state"].params, frozen, x0)), args.runs)
     print(f"jax_rollout_images_per_s: {args.batch / s_roll:.3f}")
 
     torch_device = None
-    if not args.no_torch:
+    if not args.no_torch and not args.lora_rank:
         try:
             import torch
             if torch.cuda.is_available():
@@ -202,7 +263,7 @@ def main() -> None:
         except ImportError:
             pass
     if torch_device is None:
-        print("torch_rollout: skipped (needs torch with CUDA, and diffusers)")
+        print("torch_rollout: skipped (--no-torch, --lora-rank, or no torch with CUDA)")
         return
     try:
         s_torch = torch_rollout(mc, side, args.text_len, args.batch, sigmas, args.runs,

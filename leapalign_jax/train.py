@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from flax import struct
 from tqdm import tqdm
 
@@ -294,6 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     sample_fn = sampling.make_sample_fn(world.pipe)
+
+    # Imported here: clu's writers pull in tensorflow, which the step and the plan never need.
+    from clu import metric_writers, periodic_actions
 
     writer = metric_writers.create_default_writer(paths.join(workdir),
                                                   just_logging=not process0)

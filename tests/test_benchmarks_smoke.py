@@ -41,6 +41,22 @@ def test_flux_accelerator_tiny():
     assert "torch_rollout" in text or "torch_rollout_images_per_s" in lines
 
 
+def test_flux_accelerator_lora_and_flops_from_shapes():
+    def keyed(text):
+        return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+    run_lines = keyed(run("benchmarks/flux_accelerator.py", "--tiny", "--lora-rank", "2",
+                          "--no-torch"))
+    shape_lines = keyed(run("benchmarks/flux_accelerator.py", "--tiny", "--lora-rank", "2",
+                            "--flops-only"))
+    adapters = int(run_lines["params"].split()[0])
+    assert 0 < adapters < int(run_lines["frozen_base_params"].split()[0])
+    assert float(run_lines["train_s_per_iter"]) > 0
+    # The FLOPs come from the step's jaxpr, so shapes alone give the same count.
+    assert run_lines["train_flops_per_iter"] == shape_lines["train_flops_per_iter"]
+    assert "train_s_per_iter" not in shape_lines
+
+
 def test_mechanism_tiny(tmp_path):
     run("benchmarks/mechanism.py", "--world", "random_flux", "--methods", "leapalign",
         "--batches", "1", "--batch-size", "2", "--num-steps", "3", "--out", str(tmp_path))
