@@ -216,3 +216,42 @@ def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
     assert plain[-1]["reward"] > plain[0]["reward"] and plain[-1]["latent_rms_change"] > 1
     assert none[-1]["latent_rms_change"] == 0 and none[-1]["reward"] == none[0]["reward"]
     assert "the reward's pick" in (tmp_path / "out" / "reward_signal.md").read_text()
+
+
+def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import jax.numpy as jnp
+    import reward_tuning
+
+    rewards = jnp.array([[0.9, 0.2], [0.1, 0.5], [0.4, 0.6]])  # 3 images of 2 captions
+    correct = jnp.array([[True, False], [False, True], [False, True]])
+    got = float(reward_tuning.ranking_loss(rewards, correct, 10.0))
+    # Caption 0: image 0 over images 1, 2; caption 1: images 1, 2 over image 0.
+    pairs = [(0.9, 0.1), (0.9, 0.4), (0.5, 0.2), (0.6, 0.2)]
+    want = np.mean([np.log1p(np.exp(10.0 * (bad - good))) for good, bad in pairs])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    none = jnp.zeros_like(correct)  # no correct image: no pair, no loss
+    assert float(reward_tuning.ranking_loss(rewards, none, 10.0)) == 0.0
+
+
+def test_reward_tuning_benchmark_on_the_tiny_world(built_cache, tmp_path):
+    """benchmarks/reward_tuning.py writes a cache whose reward differs from the source's
+    and keeps every other model file; the round's labels cover each ascent step."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import reward_tuning
+
+    source = tmp_path / "cache"
+    shutil.copytree(built_cache, source)
+    out_cache = tmp_path / "tuned"
+    result = reward_tuning.main(["--tiny", "--cache-dir", str(source), "--cache-out",
+                                 str(out_cache), "--rounds", "1", "--prompts", "8",
+                                 "--chunk", "8", "--ascent", "0", "2", "--step", "0.5",
+                                 "--steps", "3", "--rank-batch", "4", "--batch", "4",
+                                 "--out", str(tmp_path / "out")])
+    (only,) = result["rounds"]
+    assert set(only["checker_accuracy_along_ascent"]) == {"0", "2"}
+    assert sorted(p.name for p in out_cache.iterdir()) == sorted(p.name for p in source.iterdir())
+    changed = [p.name for p in source.iterdir()
+               if p.read_bytes() != (out_cache / p.name).read_bytes()]
+    assert len(changed) == 1 and changed[0].startswith("reward-")
+    assert "Held-out pairwise accuracy" in (tmp_path / "out" / "reward_tuning.md").read_text()
