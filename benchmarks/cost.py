@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from leapalign_jax import flow, methods, train  # noqa: E402
-from leapalign_jax.models.flux import Flux, FluxConfig, example_inputs, init_params  # noqa: E402
+from leapalign_jax.models.flux import Flux, FluxConfig, init_params  # noqa: E402
 from leapalign_jax.pipeline import Pipeline  # noqa: E402
 from leapalign_jax.plan import matmul_flops, standin_decode, standin_reward  # noqa: E402
 from leapalign_jax.world import flux_velocity  # noqa: E402

@@ -39,23 +39,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def shapes_world(tiny: bool, cache_dir: str) -> tuple[Any, Any, Any]:
+    """(config, world, batch_of) of the shapes world (`:tiny` with `tiny`) in `cache_dir`
+    ("" = the config's); `batch_of(prompts)` is `toy.world.prompt_batcher`'s."""
+    from leapalign_jax import config_lib
+    from leapalign_jax.toy import world as shapes
+
+    config = config_lib.load_config(os.path.join(REPO, "configs", "toy_leapalign.py")
+                                    + (":tiny" if tiny else ""))
+    if cache_dir:
+        config.world.cache_dir = cache_dir
+    world = shapes.build(config)
+    # The models are in the cache now: this reads the generator's text encoder back.
+    generator = shapes.build_models(config.world)["generator"]
+    return config, world, shapes.prompt_batcher(generator, config.world)
+
+
 def setup(args: argparse.Namespace) -> dict[str, Any]:
     """The shapes world, its held-out prompts (`--per-category` each) and jitted pieces."""
     import jax
     import jax.numpy as jnp
 
-    from leapalign_jax import config_lib, flow, sampling
+    from leapalign_jax import flow, sampling
     from leapalign_jax.toy import world as shapes
 
-    config = config_lib.load_config(os.path.join(REPO, "configs", "toy_leapalign.py")
-                                    + (":tiny" if args.tiny else ""))
-    if args.cache_dir:
-        config.world.cache_dir = args.cache_dir
-    world = shapes.build(config)
+    config, world, batch_of = shapes_world(args.tiny, args.cache_dir)
     pipe, frozen, wc = world.pipe, world.frozen, config.world
     specs = shapes.heldout_specs(args.per_category)
-    # The models are in the cache now: this reads the generator's text encoder back.
-    batch = shapes.prompt_batcher(shapes.build_models(wc)["generator"], wc)(specs)
+    batch = batch_of(specs)
     velocity = sampling.conditioned_velocity(pipe, batch)
 
     def reward_of_latent(x):
@@ -185,13 +196,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "points": ascent(s, args.step, args.ascent_steps, args.every, lam)}
                          for lam in args.hinge_lambdas]}
     result["elapsed_s"] = round(time.time() - start, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "reward_signal.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "reward_signal.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "reward_signal", result, markdown(result))
     return result
+
+
+def write_results(out: str, name: str, result: dict[str, Any], text: str) -> None:
+    """`out/name.json` (the result) and `out/name.md` (`text`, also printed)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reward_signal
 
 
 def ranking_loss(rewards: Any, correct: Any, scale: Any) -> Any:
@@ -55,17 +56,12 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from leapalign_jax import config_lib, flow, sampling
+    from leapalign_jax import flow, sampling
     from leapalign_jax.toy import reward
-    from leapalign_jax.toy import world as shapes
+    from reward_signal import shapes_world
 
-    config = config_lib.load_config(os.path.join(REPO, "configs", "toy_leapalign.py")
-                                    + (":tiny" if args.tiny else ""))
-    if args.cache_dir:
-        config.world.cache_dir = args.cache_dir
-    world = shapes.build(config)
-    pipe, frozen, wc = world.pipe, world.frozen, config.world
-    batch_of = shapes.prompt_batcher(shapes.build_models(wc)["generator"], wc)
+    config, world, batch_of = shapes_world(args.tiny, args.cache_dir)
+    pipe, frozen = world.pipe, world.frozen
 
     def rollout(params, batch, x0):
         velocity = sampling.conditioned_velocity(pipe, batch)
@@ -223,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = setup(args)
     from leapalign_jax.toy import cache, reward
     from leapalign_jax.toy import world as shapes
+    from reward_signal import write_results
 
     wc = s["config"].world
     before = reward.pairwise_accuracy(s["reward"])
@@ -238,12 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "pairwise_before": {k: round(v, 4) for k, v in before.items()},
               "pairwise_after": {k: round(v, 4) for k, v in after.items()},
               "elapsed_s": round(time.time() - start, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "reward_tuning.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "reward_tuning.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "reward_tuning", result, markdown(result))
     return result
 
 
