@@ -201,12 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def write_results(out: str, name: str, result: dict[str, Any], text: str) -> None:
-    """`out/name.json` (the result) and `out/name.md` (`text`, also printed)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(text)
+    """`out/name.json` (the result) and `out/name.md` (`text`, also printed); gs:// too."""
+    from leapalign_jax import paths
+
+    paths.makedirs(out)
+    paths.write_text(paths.join(out, f"{name}.json"), json.dumps(result, indent=2))
+    paths.write_text(paths.join(out, f"{name}.md"), text)
     print(text)
 
 

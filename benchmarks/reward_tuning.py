@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from typing import Any
@@ -149,14 +148,14 @@ def tune(s: dict[str, Any], args: argparse.Namespace) -> tuple[Any, list[dict[st
         labels = np.concatenate([np.ones((1, len(chosen)), bool), labels])
         tokens = np.asarray(s["batch_of"](chosen)["tokens"])
         sample_s = time.time() - t0
-        first = last = None
+        losses = []  # device values: read once the round is done, not a sync per step
         for i in range(args.steps):
             c = reward.make_batch(rng, args.batch, 6, contrastive_pool)
             rows = rng.choice(len(chosen), min(args.rank_batch, len(chosen)), replace=False)
             r = {"images": images[:, rows], "tokens": tokens[rows], "correct": labels[:, rows]}
             state, (contrastive, ranking) = step(state, c, r)
-            last = (float(contrastive), float(ranking))
-            first = first or last
+            losses.append((contrastive, ranking))
+        first, last = ([float(v) for v in pair] for pair in (losses[0], losses[-1]))
         rounds.append({"round": rnd, "checker_accuracy_along_ascent": {
             str(a): round(float(labels[1 + i].mean()), 4) for i, a in enumerate(args.ascent)},
             "loss_first_step": first, "loss_last_step": last,
@@ -217,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.ascent = sorted(set(args.ascent))
     start = time.time()
     s = setup(args)
+    from leapalign_jax import paths
     from leapalign_jax.toy import cache, reward
     from leapalign_jax.toy import world as shapes
     from reward_signal import write_results
@@ -225,9 +225,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = reward.pairwise_accuracy(s["reward"])
     tuned, rounds = tune(s, args)
     after = reward.pairwise_accuracy(tuned)
-    if os.path.abspath(args.cache_out) != os.path.abspath(wc.cache_dir):
-        shutil.copytree(wc.cache_dir, args.cache_out, dirs_exist_ok=True)
-    cache.save_params(os.path.join(args.cache_out, shapes.model_files(wc)["reward"]), tuned)
+    reward_file = shapes.model_files(wc)["reward"]
+    for name in paths.listdir(wc.cache_dir):  # the other models, as they are (gs:// too)
+        source = paths.join(wc.cache_dir, name)
+        if name != reward_file and not paths.isdir(source) \
+                and paths.join(args.cache_out, name) != source:
+            paths.write_bytes(paths.join(args.cache_out, name), paths.read_bytes(source))
+    cache.save_params(paths.join(args.cache_out, reward_file), tuned)
     result = {"command": "python benchmarks/reward_tuning.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
