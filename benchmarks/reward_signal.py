@@ -39,9 +39,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def shapes_world(tiny: bool, cache_dir: str) -> tuple[Any, Any, Any]:
+def shapes_world(tiny: bool, cache_dir: str, tuned: bool = True) -> tuple[Any, Any, Any]:
     """(config, world, batch_of) of the shapes world (`:tiny` with `tiny`) in `cache_dir`
-    ("" = the config's); `batch_of(prompts)` is `toy.world.prompt_batcher`'s."""
+    ("" = the config's); `batch_of(prompts)` is `toy.world.prompt_batcher`'s. With
+    `tuned=False` the world's reward is the contrastive one (no tuning stage)."""
     from leapalign_jax import config_lib
     from leapalign_jax.toy import world as shapes
 
@@ -49,9 +50,12 @@ def shapes_world(tiny: bool, cache_dir: str) -> tuple[Any, Any, Any]:
                                     + (":tiny" if tiny else ""))
     if cache_dir:
         config.world.cache_dir = cache_dir
-    world = shapes.build(config)
+    built = config.copy_and_resolve_references()
+    if not tuned:
+        built.world.reward_tuning.rounds = 0
+    world = shapes.build(built)
     # The models are in the cache now: this reads the generator's text encoder back.
-    generator = shapes.build_models(config.world)["generator"]
+    generator = shapes.build_models(built.world)["generator"]
     return config, world, shapes.prompt_batcher(generator, config.world)
 
 

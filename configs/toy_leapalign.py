@@ -41,6 +41,8 @@ def tiny(config):
     w.ae_steps = w.reward_steps = 20
     w.model.pretrain_steps = 20
     w.model.pretrain_batch = 16
+    w.reward_tuning.update(rounds=1, prompts=8, chunk=8, ascent=(0, 2), steps=3, batch=4,
+                           rank_batch=4)
     w.num_steps = w.eval_steps = 4
     w.images_per_category = 4
     w.num_grid_prompts = 4

@@ -156,7 +156,7 @@ else:
 # shapes world, 100 iterations of batch 32 with 25 Euler steps. The world's models (an
 # autoencoder as the VAE, a CLIP-style reward model, a pretrained tiny Flux) ship with
 # the project and are copied into the cache folder; other world knobs build them there
-# on first use (about 28 minutes on 2 CPU cores).
+# on first use (about 40 minutes on 2 CPU cores).
 #
 # The `:tiny` variant shrinks everything to a seconds-long smoke run (its numbers mean
 # nothing); test mode uses it. Running the cell again with the same `WORKDIR` resumes

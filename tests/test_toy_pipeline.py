@@ -141,7 +141,7 @@ def test_world_build_is_bitwise_reproducible_across_processes(built_cache, tmp_p
     _build(tmp_path / "b", hash_seed="2")
     files = [{f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))
               if f.endswith(".msgpack")} for folder in (built_cache, tmp_path / "b")]
-    assert list(files[0]) == list(files[1]) and len(files[0]) == 3
+    assert list(files[0]) == list(files[1]) and len(files[0]) == 4
     assert all(files[0][f] == files[1][f] for f in files[0])
 
 
@@ -150,7 +150,8 @@ def test_shipped_models_are_used_when_their_knobs_match_and_checked(built_cache,
     """A world with no cache of its own takes the shipped files (nothing is trained); a
     shipped file that differs from its manifest is rebuilt; `rebuild.compare` reports
     identical files and the size of a difference."""
-    from leapalign_jax.toy import autoencoder, cache, pretrain, reward, rebuild, shipped
+    from leapalign_jax.toy import (autoencoder, cache, pretrain, rebuild, reward,
+                                   reward_tuning, shipped)
     from leapalign_jax.toy import world as toy_world
 
     config = config_lib.load_config(os.path.join(ROOT, "configs", "toy_leapalign.py:tiny"))
@@ -166,7 +167,7 @@ def test_shipped_models_are_used_when_their_knobs_match_and_checked(built_cache,
 
     with monkeypatch.context() as m:
         for module, name in ((autoencoder, "train_autoencoder"), (reward, "train_reward"),
-                             (pretrain, "pretrain")):
+                             (pretrain, "pretrain"), (reward_tuning, "tune_reward")):
             m.setattr(module, name, no_training)
         wc.cache_dir = str(tmp_path / "fresh")
         models = toy_world.build_models(wc)
@@ -219,9 +220,9 @@ def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
 
 
 def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import jax.numpy as jnp
-    import reward_tuning
+
+    from leapalign_jax.toy import reward_tuning
 
     rewards = jnp.array([[0.9, 0.2], [0.1, 0.5], [0.4, 0.6]])  # 3 images of 2 captions
     correct = jnp.array([[True, False], [False, True], [False, True]])
@@ -234,24 +235,40 @@ def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
     assert float(reward_tuning.ranking_loss(rewards, none, 10.0)) == 0.0
 
 
-def test_reward_tuning_benchmark_on_the_tiny_world(built_cache, tmp_path):
-    """benchmarks/reward_tuning.py writes a cache whose reward differs from the source's
-    and keeps every other model file; the round's labels cover each ascent step."""
+def test_reward_tuning_stage_of_the_world_build_and_its_benchmark(built_cache, tmp_path):
+    """The world's last build stage tunes only the image tower (text tower and logit scale
+    kept) and the world aligns with the tuned reward; benchmarks/reward_tuning.py runs the
+    same stage with the same knobs to the same bits, and copies the other models as they
+    are."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import reward_tuning
+    import reward_tuning as bench
 
-    source = tmp_path / "cache"
-    shutil.copytree(built_cache, source)
+    from leapalign_jax.toy import world as toy_world
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "toy_leapalign.py:tiny"))
+    config.world.cache_dir = str(built_cache)
+    files = toy_world.model_files(config.world)
+    models = toy_world.build_models(config.world)
+    tuned, contrastive = models["tuned_reward"], models["reward"]
+    for part, same in (("image_tower", False), ("text_tower", True), ("logit_scale", True)):
+        equal = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned[part]),
+                                                      jax.tree.leaves(contrastive[part]))]
+        assert all(equal) if same else not all(equal), part
+    world = toy_world.build(config)
+    assert world.frozen["reward"] is tuned
+
     out_cache = tmp_path / "tuned"
-    result = reward_tuning.main(["--tiny", "--cache-dir", str(source), "--cache-out",
-                                 str(out_cache), "--rounds", "1", "--prompts", "8",
-                                 "--chunk", "8", "--ascent", "0", "2", "--step", "0.5",
-                                 "--steps", "3", "--rank-batch", "4", "--batch", "4",
-                                 "--out", str(tmp_path / "out")])
+    knobs = config.world.reward_tuning
+    result = bench.main(["--tiny", "--cache-dir", str(built_cache), "--cache-out",
+                         str(out_cache), "--rounds", str(knobs.rounds),
+                         "--prompts", str(knobs.prompts), "--chunk", str(knobs.chunk),
+                         "--ascent", *map(str, knobs.ascent), "--steps", str(knobs.steps),
+                         "--rank-batch", str(knobs.rank_batch), "--batch", str(knobs.batch),
+                         "--out", str(tmp_path / "out")])
     (only,) = result["rounds"]
     assert set(only["checker_accuracy_along_ascent"]) == {"0", "2"}
-    assert sorted(p.name for p in out_cache.iterdir()) == sorted(p.name for p in source.iterdir())
-    changed = [p.name for p in source.iterdir()
-               if p.read_bytes() != (out_cache / p.name).read_bytes()]
-    assert len(changed) == 1 and changed[0].startswith("reward-")
+    assert set(only["pairwise_after"]) >= {"count", "position", "overall"}
+    assert sorted(p.name for p in out_cache.iterdir()) == sorted(files.values())
+    assert all((out_cache / name).read_bytes() == (built_cache / name).read_bytes()
+               for name in files.values())
     assert "Held-out pairwise accuracy" in (tmp_path / "out" / "reward_tuning.md").read_text()

@@ -328,10 +328,28 @@ def test_shipped_models_are_the_default_worlds_and_intact():
     seed = jax.random.split(jax.random.key(wc.seed), 3)
     likes = {"vae": lambda: autoencoder.init_autoencoder(seed[0]),
              "reward": lambda: reward.init_reward(seed[1]),
-             "generator": lambda: world._init_generator(seed[2], wc.model)}
+             "generator": lambda: world._init_generator(seed[2], wc.model),
+             "tuned_reward": lambda: reward.init_reward(seed[1])}
     loaded = {kind: shipped.load(name, likes[kind]) for kind, name in names.items()}
     assert all(v is not None for v in loaded.values()), names
     # The reward sees layout, counts and binding: on held-out prompts the true caption
     # beats every kind of hard negative (issue goal: >= 0.97 per kind).
-    accuracy = reward.pairwise_accuracy(loaded["reward"], scenes_per_prompt=4)
-    assert min(accuracy.values()) >= 0.97, accuracy
+    for kind in ("reward", "tuned_reward"):
+        accuracy = reward.pairwise_accuracy(loaded[kind], scenes_per_prompt=4)
+        assert min(accuracy.values()) >= 0.97, (kind, accuracy)
+
+
+@pytest.mark.parametrize("knob, value, match", [
+    ("rounds", -1, "reward_tuning.rounds"), ("steps", 0, "reward_tuning.steps"),
+    ("ascent", (), "reward_tuning.ascent"), ("ascent", (0, -2), "reward_tuning.ascent"),
+    ("tune", ("image_tower", "text"), "reward_tuning.tune"),
+])
+def test_reward_tuning_rejects_bad_knobs_in_one_line(knob, value, match):
+    from leapalign_jax.toy import reward_tuning
+
+    knobs = reward_tuning.tuning_config()
+    reward_tuning.check_config(knobs)  # the defaults pass
+    knobs[knob] = value
+    with pytest.raises(ValueError, match=match) as raised:
+        reward_tuning.check_config(knobs)
+    assert "\n" not in str(raised.value)

@@ -1,11 +1,11 @@
 """Rebuilds the shipped shapes-world models from scratch and compares them bit for bit.
 
-    python -m leapalign_jax.toy.rebuild --check              # ~28 min on 2 CPU cores
+    python -m leapalign_jax.toy.rebuild --check              # ~40 min on 2 CPU cores
     python -m leapalign_jax.toy.rebuild --check --out DIR    # keep the rebuilt files in DIR
     python -m leapalign_jax.toy.rebuild --update [--out DIR] # ship what is built in DIR
 
-`--check` builds the default world's autoencoder, reward model and generator into an
-empty folder (never reading the shipped files) and prints, for each, whether its sha256
+`--check` builds the default world's autoencoder, reward model, generator and tuned
+reward into an empty folder (never reading the shipped files) and prints, for each, whether its sha256
 equals the manifest's and, if not, the largest difference of any parameter. It exits 1
 when a file differs. The build is deterministic for a given machine and XLA version;
 another CPU family may round differently, and a one-ulp difference grows over training.

@@ -1,8 +1,10 @@
 """The shapes world as a `World`: built on first use, cached, then aligned and judged.
 
 Build order (each step cached under `cache_dir/<hash of its knobs>/`): the autoencoder
-(the frozen "VAE"), the reward model (the frozen, learned "HPSv2"), then the generator
-(tiny Flux + text encoder, pretrained with the rectified-flow loss). Alignment trains
+(the frozen "VAE"), the reward model (the frozen, learned "HPSv2", trained contrastively
+on renders), the generator (tiny Flux + text encoder, pretrained with the rectified-flow
+loss), then the reward tuned on the generator's samples as labelled by the checker
+(`reward_tuning.py`; `reward_tuning.rounds = 0` keeps the contrastive one). Alignment trains
 the Flux only; the text encoder is frozen and every prompt's features are precomputed.
 Evaluation samples held-out prompts and scores them with the exact checker, the reward
 model and a Fréchet distance in the reward model's image features against renders.
@@ -30,8 +32,8 @@ from leapalign_jax import evaluate as evaluate_lib
 from leapalign_jax import data, flow, parallel, paths, sampling
 from leapalign_jax.models.flux import Flux, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
-from leapalign_jax.toy import (autoencoder, cache, checker, pretrain, prompts, reward, scenes,
-                               shipped)
+from leapalign_jax.toy import (autoencoder, cache, checker, pretrain, prompts, reward,
+                               reward_tuning, scenes, shipped)
 
 
 def shapes_config() -> ml_collections.ConfigDict:
@@ -40,7 +42,7 @@ def shapes_config() -> ml_collections.ConfigDict:
     c.name = "shapes"
     c.cache_dir = "cache/shapes"  # built models; reused by every run with the same knobs
     # Take the models shipped in leapalign_jax/toy/shipped_models/ when their knobs match these
-    # (seconds instead of ~28 minutes of building on 2 CPU cores); False builds them.
+    # (seconds instead of ~40 minutes of building on 2 CPU cores); False builds them.
     # `python -m leapalign_jax.toy.rebuild --check` rebuilds them and compares bit for bit.
     c.prebuilt = True
     c.seed = 0  # seed of the world's models (independent of the run's config.seed)
@@ -65,6 +67,8 @@ def shapes_config() -> ml_collections.ConfigDict:
         # 5000 steps: base held-out accuracy ~0.45, mostly failing colour binding
         pretrain_steps=5000, pretrain_batch=64, learning_rate=1e-3,
         caption_dropout=0.1))  # share of empty captions, for classifier-free guidance
+    # The last build stage: the reward tuned on the generator's samples (see its knobs).
+    c.reward_tuning = reward_tuning.tuning_config()
     return c
 
 
@@ -97,14 +101,21 @@ def _cached(path: str, build: Callable[[], Params], like: Callable[[], Params],
 
 
 def model_files(wc: ml_collections.ConfigDict) -> dict[str, str]:
-    """{"vae" | "reward" | "generator": file name in `cache_dir`}, each named by the hash
-    of the knobs that decide its bits (the generator's include the autoencoder's)."""
+    """{"vae" | "reward" | "generator" [| "tuned_reward"]: file name in `cache_dir`}, each
+    named by the hash of the knobs that decide its bits (including those of the models it
+    is built from). "tuned_reward" only while `reward_tuning.rounds > 0`."""
     ae_key = _knob_hash(steps=wc.ae_steps, batch=wc.ae_batch, seed=wc.seed)
     rw_key = _knob_hash(steps=wc.reward_steps, batch=wc.reward_batch, seed=wc.seed,
                         version=reward.VERSION)
     gen_key = _knob_hash(ae=ae_key, model=wc.model.to_dict(), seed=wc.seed)
-    return {"vae": f"autoencoder-{ae_key}.msgpack", "reward": f"reward-{rw_key}.msgpack",
-            "generator": f"generator-{gen_key}.msgpack"}
+    files = {"vae": f"autoencoder-{ae_key}.msgpack", "reward": f"reward-{rw_key}.msgpack",
+             "generator": f"generator-{gen_key}.msgpack"}
+    if wc.reward_tuning.rounds:
+        tuned_key = _knob_hash(reward=rw_key, generator=gen_key, seed=wc.seed,
+                               tuning=wc.reward_tuning.to_dict(), num_steps=wc.num_steps,
+                               guidance_scale=wc.guidance_scale)
+        files["tuned_reward"] = f"reward-tuned-{tuned_key}.msgpack"
+    return files
 
 
 def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
@@ -120,7 +131,20 @@ def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
     generator = _cached(names["generator"],
                         lambda: pretrain.pretrain(seed[2], vae, wc.model)[0],
                         lambda: _init_generator(seed[2], wc.model), wc.prebuilt)
-    return {"vae": vae, "reward": rw, "generator": generator}
+    models = {"vae": vae, "reward": rw, "generator": generator}
+    if "tuned_reward" in names:
+        def tune() -> Params:
+            _, pipe, batch_of = make_pipeline(wc, generator)
+            return reward_tuning.tune_reward(rw, generator["flux"], pipe, {"vae": vae},
+                                             batch_of, wc.reward_tuning, wc.seed)[0]
+        models["tuned_reward"] = _cached(names["tuned_reward"], tune,
+                                         lambda: reward.init_reward(seed[1]), wc.prebuilt)
+    return models
+
+
+def world_reward(models: dict[str, Params]) -> Params:
+    """The reward the world aligns with and evaluates by: the tuned one when built."""
+    return models.get("tuned_reward", models["reward"])
 
 
 def _init_generator(rng: jax.Array, model: ml_collections.ConfigDict) -> Params:
@@ -189,15 +213,37 @@ def prompt_batcher(generator: Params, wc: ml_collections.ConfigDict
     return batch_of
 
 
+def make_pipeline(wc: ml_collections.ConfigDict, generator: Params
+                  ) -> tuple[Flux, Pipeline, Callable[[Sequence[prompts.Prompt]], Batch]]:
+    """(flux, pipeline, batch_of) of the world's generator: guided velocity, decoder and
+    reward of `frozen["vae"]` and `frozen["reward"]`, the rollout's sigmas."""
+    flux = Flux(pretrain.flux_config(wc.model))
+    batch_of = prompt_batcher(generator, wc)
+    uncond = pretrain.encode_prompts(generator["text"], wc.model, [""])
+    uncond = {"txt": uncond["txt"][0], "y": uncond["y"][0]}
+
+    def decode(frozen: Params, x: jax.Array) -> jax.Array:
+        z = flow.unpack_latents(x, autoencoder.LATENT_HW, autoencoder.LATENT_HW,
+                                patch_size=pretrain.PATCH)
+        return autoencoder.decode(frozen["vae"], z)
+
+    def reward_of(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
+        return reward.reward_fn(frozen["reward"], images, batch["tokens"])
+
+    seq = pretrain.TOKENS_HW ** 2
+    pipe = Pipeline(velocity=guided_velocity(flux, wc.guidance_scale, uncond), decode=decode,
+                    reward=reward_of, sigmas=flow.flux_sigmas(wc.num_steps, seq),
+                    latent_shape=(seq, flux.config.in_channels))
+    return flux, pipe, batch_of
+
+
 def build(config: ml_collections.ConfigDict) -> World:
     """The shapes world for `config` (models built or loaded from the cache)."""
     wc = config.world
+    reward_tuning.check_config(wc.reward_tuning)  # before anything is built or loaded
     pool = read_prompt_file(wc.prompt_file) if wc.prompt_file else prompts.train_prompts()
     models = build_models(wc)
-    flux = Flux(pretrain.flux_config(wc.model))
-    batch_of = prompt_batcher(models["generator"], wc)
-    uncond = pretrain.encode_prompts(models["generator"]["text"], wc.model, [""])
-    uncond = {"txt": uncond["txt"][0], "y": uncond["y"][0]}
+    flux, pipe, batch_of = make_pipeline(wc, models["generator"])
 
     stream = data.PromptStream(len(pool), config.train.batch_size, config.seed) \
         if wc.prompt_file else None
@@ -219,19 +265,7 @@ def build(config: ml_collections.ConfigDict) -> World:
         chosen = prompts.sample_prompts(rng, config.train.batch_size, pool)
         return batch_of(chosen if rows is None else [chosen[int(i)] for i in rows])
 
-    def decode(frozen: Params, x: jax.Array) -> jax.Array:
-        z = flow.unpack_latents(x, autoencoder.LATENT_HW, autoencoder.LATENT_HW,
-                                patch_size=pretrain.PATCH)
-        return autoencoder.decode(frozen["vae"], z)
-
-    def reward_of(frozen: Params, images: jax.Array, batch: Batch) -> jax.Array:
-        return reward.reward_fn(frozen["reward"], images, batch["tokens"])
-
-    seq = pretrain.TOKENS_HW ** 2
-    pipe = Pipeline(velocity=guided_velocity(flux, wc.guidance_scale, uncond), decode=decode,
-                    reward=reward_of, sigmas=flow.flux_sigmas(wc.num_steps, seq),
-                    latent_shape=(seq, flux.config.in_channels))
-    frozen = {"vae": models["vae"], "reward": models["reward"]}
+    frozen = {"vae": models["vae"], "reward": world_reward(models)}
     heldout = prompts.heldout_prompts()
     grid = [heldout[i] for i in np.linspace(0, len(heldout) - 1, wc.num_grid_prompts,
                                             dtype=int)]
@@ -250,7 +284,8 @@ def build(config: ml_collections.ConfigDict) -> World:
                               "num_steps": wc.num_steps, "seed": wc.seed,
                               "guidance_scale": wc.guidance_scale,
                               "ae_steps": wc.ae_steps, "reward_steps": wc.reward_steps,
-                              "reward_version": reward.VERSION},
+                              "reward_version": reward.VERSION,
+                              "reward_tuning": wc.reward_tuning.to_dict()},
                  evaluate=evaluate)
 
 
