@@ -131,6 +131,8 @@ def make_config(job: dict[str, Any]):
     config = config_lib.load_config(f"{CONFIG_FILE}:{job['method']}")
     config.world.cache_dir = job["cache_dir"]
     config.world.update(job["world"])
+    if job.get("anchor_coef") is not None and "anchor_coef" in config.method:
+        config.method.anchor_coef = job["anchor_coef"]  # a run's own override wins
     config.method.update(job["overrides"])
     config.seed = job["seed"]
     config.train.update(steps=job["steps"], batch_size=job["batch_size"], image_every=0,
@@ -376,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hinge-lambda", type=float, default=None,
                    help="lambda of every run's hinge max(0, lambda - r) (default: the "
                         "config's, 1.0; GRPO has no hinge)")
+    p.add_argument("--anchor-coef", type=float, default=None,
+                   help="velocity anchor to the base of every direct-gradient run "
+                        "(method.anchor_coef; default: the config's, 0; GRPO has none)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                    help="where results.md, results.json and accuracy.png go")
     p.add_argument("--workdir", default=None, help="runs and logs; default "
@@ -437,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                     cache_dir=os.path.abspath(args.cache_dir), world=world,
                     steps=args.steps, batch_size=args.batch_size, workdir=folder,
                     learning_rate=args.learning_rate, hinge_lambda=args.hinge_lambda,
+                    anchor_coef=args.anchor_coef,
                     eval_dir=os.path.join(folder, "eval", "base"),
                     result_file=os.path.join(folder, "result.json"))
 
@@ -484,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
             f"T={num_steps} training steps, "
             + (f"learning rate {args.learning_rate:g}, " if args.learning_rate else "")
             + (f"hinge lambda {args.hinge_lambda:g}, " if args.hinge_lambda is not None else "")
+            + (f"velocity anchor {args.anchor_coef:g} (direct-gradient methods), "
+               if args.anchor_coef is not None else "")
             + "evaluation with "
             f"{world.get('eval_steps', wc.eval_steps)} steps x {wc.images_per_category} "
             "held-out images per category at the EMA params. Mean ± std over seeds at the "

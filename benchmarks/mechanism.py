@@ -152,13 +152,19 @@ def category_gains(path: str) -> dict[str, dict[str, float]]:
             for name, row in results["summary"].items()}
 
 
-def plot(profiles: dict[str, np.ndarray], sigmas: np.ndarray, path: str) -> None:
+def plot(profiles: dict[str, np.ndarray], sigmas: np.ndarray, path: str,
+         gains: dict[str, dict[str, float]] | None = None) -> None:
+    """The share profile per method; with gains, beside it each method's early share
+    against its held-out position and color_attr gains (the paper's question: does
+    reaching the early steps fix layout and binding?)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, axes = plt.subplots(1, 2 if gains else 1, figsize=(11.5 if gains else 6.4, 4.0),
+                             dpi=120, squeeze=False)
+    ax = axes[0, 0]
     for name, share in profiles.items():
         ax.plot(sigmas[:len(share)], share, marker="o", ms=3, label=name)
     ax.invert_xaxis()
@@ -167,6 +173,22 @@ def plot(profiles: dict[str, np.ndarray], sigmas: np.ndarray, path: str) -> None
     ax.set_title("Where each method's first update changes the velocity")
     ax.axvline(0.5, color="gray", lw=0.8, ls="--")
     ax.legend(fontsize=8)
+    if gains:
+        ax = axes[0, 1]
+        early = sigmas[:len(next(iter(profiles.values())))] > 0.5
+        for category, marker in (("position", "o"), ("color_attr", "s")):
+            named = [n for n in profiles if n in gains]
+            x = [profiles[n][early].sum() for n in named]
+            y = [gains[n][category] for n in named]
+            ax.scatter(x, y, marker=marker, label=f"{category} gain")
+            for n, xi, yi in zip(named, x, y):
+                ax.annotate(n, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(profiles["random direction"][early].sum(), color="gray", lw=0.8, ls="--")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xlabel("share of the effect at sigma > 0.5 (dashed: a random direction's)")
+        ax.set_ylabel("held-out accuracy gain over the base")
+        ax.set_title("Reaching the early steps vs layout and binding gains")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                    "effects": {k: v.tolist() for k, v in raw.items()},
                    "shares": {k: v.tolist() for k, v in profiles.items()},
                    "gradient_norms": norms, "gains": gains}, f, indent=1)
-    plot(profiles, sigmas, os.path.join(args.out, "mechanism.png"))
+    plot(profiles, sigmas, os.path.join(args.out, "mechanism.png"), gains)
     print(report)
 
 

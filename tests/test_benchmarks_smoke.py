@@ -120,10 +120,21 @@ def test_mechanism_reads_the_gains_of_a_compare_methods_results_file(tmp_path):
     assert all(abs(gains["leapalign"][k] - 0.1) < 1e-12 for k in ("position", "color_attr", "overall"))
     assert abs(gains["refl"]["overall"] + 0.02) < 1e-12
 
+    # With gains the figure gains the early-share vs category-gain panel beside the profiles.
+    import numpy as np
+
+    sigmas = np.linspace(1.0, 0.1, 6)
+    profiles = {name: np.full(6, 1 / 6) for name in ("leapalign", "refl", "random direction")}
+    widths = {}
+    for name, with_gains in (("one.png", None), ("two.png", gains)):
+        mechanism.plot(profiles, sigmas, str(tmp_path / name), with_gains)
+        widths[name] = int.from_bytes((tmp_path / name).read_bytes()[16:20], "big")
+    assert widths["two.png"] > 1.5 * widths["one.png"]
+
 
 def test_compare_methods_overrides_reach_every_runs_config():
-    """--learning-rate and --hinge-lambda land in each job's config; left out, the config's
-    values stay."""
+    """--learning-rate, --hinge-lambda and --anchor-coef land in each job's config; left
+    out, the config's values stay."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import compare_methods as cm
 
@@ -134,3 +145,11 @@ def test_compare_methods_overrides_reach_every_runs_config():
     assert (plain.method.hinge_lambda, plain.optim.learning_rate) == (1.0, 3e-5)
     assert (tuned.method.hinge_lambda, tuned.optim.learning_rate) == (0.6, 1e-4)
     assert tuned.method.anchor_coef == 1.0 and tuned.seed == 2 and tuned.train.steps == 3
+    # --anchor-coef reaches every direct-gradient run; a run's own anchor override wins,
+    # and GRPO, which has no velocity anchor, is left as it is.
+    free = {**job, "overrides": {}}
+    assert cm.make_config(free).method.anchor_coef == 0.0
+    assert cm.make_config({**free, "anchor_coef": 0.5}).method.anchor_coef == 0.5
+    assert cm.make_config({**job, "anchor_coef": 0.5}).method.anchor_coef == 1.0
+    grpo = cm.make_config({**free, "method": "grpo", "anchor_coef": 0.5})
+    assert "anchor_coef" not in grpo.method
