@@ -5,10 +5,11 @@
     python -m leapalign_jax.toy.rebuild --update [--out DIR] # ship what is built in DIR
 
 `--check` builds the default world's autoencoder, reward model, generator and tuned
-reward into an empty folder (never reading the shipped files) and prints, for each, whether its sha256
-equals the manifest's and, if not, the largest difference of any parameter. It exits 1
-when a file differs. The build is deterministic for a given machine and XLA version;
-another CPU family may round differently, and a one-ulp difference grows over training.
+reward into an empty folder (never reading the shipped files) and prints, for each,
+whether its sha256 equals the manifest's and, if not, the largest difference of any
+parameter. It exits 1 when a file differs. The build is deterministic for a given
+machine and XLA version; another CPU family may round differently, and a one-ulp
+difference grows over training.
 `--update` copies the files built in `--out` (building what is missing) into
 `leapalign_jax/toy/shipped_models/` and rewrites the manifest: for when the world's
 default knobs change.

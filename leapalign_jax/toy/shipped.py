@@ -1,10 +1,10 @@
 """The shapes world's models as shipped with the package, so a first run skips the build.
 
 `shipped_models/` holds the default world's four cached files (autoencoder, contrastive
-reward, generator, tuned reward; flax msgpack, named by the hash of their knobs as in `cache_dir`) and
-`manifest.json` with each file's sha256 and the command that rebuilt them. A world whose
-knobs match a shipped file's name loads that file instead of building it; any other
-knobs build as before. `python -m leapalign_jax.toy.rebuild --check` rebuilds them from
+reward, generator, tuned reward; flax msgpack, named by the hash of their knobs as in
+`cache_dir`) and `manifest.json` with each file's sha256 and the command that rebuilt
+them. A world whose knobs match a shipped file's name loads that file instead of
+building it; any other knobs build as before. `python -m leapalign_jax.toy.rebuild --check` rebuilds them from
 scratch and compares bit for bit.
 """
 
