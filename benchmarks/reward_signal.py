@@ -19,6 +19,12 @@ exact checker as judge (the reward never sees the checker):
   judge raises accuracy as it raises the reward; one whose gradient is adversarial raises
   the reward while accuracy falls. A lower lambda leaves the images already above it alone,
   which is what the training hinge does.
+- **Gradient through the trajectory** (`--noise-steps`): the same descent on the initial
+  noise instead, through the whole sampling rollout (`x0 <- x0 - step * g / rms(g)`). It
+  reaches the early, high-noise steps that decide layout, as LeapAlign's leaps do, with
+  the generator's params fixed: if it lifts accuracy well past the clean-latent descent,
+  the reward's gradient can teach layout and what limits a method is getting it into the
+  params.
 
 Writes `--out`/reward_signal.md and reward_signal.json.
 """
@@ -84,6 +90,9 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         "reward": jax.jit(reward_of_latent),
         "grad": jax.jit(jax.grad(lambda x, lam: jnp.sum(
             jnp.maximum(0.0, lam - reward_of_latent(x))))),
+        "noise_grad": jax.jit(jax.grad(lambda x0, params, lam: jnp.sum(jnp.maximum(
+            0.0, lam - reward_of_latent(flow.euler_chain(velocity, params, x0,
+                                                         pipe.sigmas)))))),
     }
 
 
@@ -120,23 +129,27 @@ def ranking(s: dict[str, Any], samples: int) -> dict[str, Any]:
             "reward_pick_mean": round(float(rewards[pick, columns].mean()), 4)}
 
 
-def ascent(s: dict[str, Any], step: float, steps: int, every: int, hinge_lambda: float
-           ) -> list[dict[str, Any]]:
-    """Reward and accuracy along normalised descent on the hinge loss of the clean
-    latents."""
+def ascent(s: dict[str, Any], step: float, steps: int, every: int, hinge_lambda: float,
+           through_rollout: bool = False) -> list[dict[str, Any]]:
+    """Reward and accuracy along normalised descent on the hinge loss, of the clean
+    latents, or of the initial noise through the rollout (`through_rollout`); the RMS
+    change is that of the clean latent either way."""
     import jax
     import jax.numpy as jnp
 
-    x = s["rollout"](s["params"], s["noise"](jax.random.key(s["seed"] + 3000)))
-    x0, points = x, []
+    noise = s["noise"](jax.random.key(s["seed"] + 3000))
+    start, points = s["rollout"](s["params"], noise), []
+    x = noise if through_rollout else start
     for k in range(steps + 1):
+        clean = s["rollout"](s["params"], x) if through_rollout else x
         if k % every == 0 or k == steps:
-            acc = summarize(judge(np.asarray(s["decode"](x)), s["specs"]), s["specs"])
+            acc = summarize(judge(np.asarray(s["decode"](clean)), s["specs"]), s["specs"])
             points.append({"step": k, "latent_rms_change": round(float(
-                jnp.sqrt(jnp.mean((x - x0) ** 2))), 4),
-                "reward": round(float(jnp.mean(s["reward"](x))), 4), **acc})
+                jnp.sqrt(jnp.mean((clean - start) ** 2))), 4),
+                "reward": round(float(jnp.mean(s["reward"](clean))), 4), **acc})
         if k < steps:
-            g = s["grad"](x, hinge_lambda)
+            g = (s["noise_grad"](x, s["params"], hinge_lambda) if through_rollout
+                 else s["grad"](x, hinge_lambda))
             x = x - step * g / (jnp.sqrt(jnp.mean(g * g, axis=(1, 2), keepdims=True)) + 1e-12)
     return points
 
@@ -160,11 +173,16 @@ def markdown(result: dict[str, Any]) -> str:
                                                      for c in cats) + " | - |", "",
         f"## Gradient: descent on max(0, lambda - r) through the decoder (step "
         f"{result['step']} of the latent RMS)", ""]
-    for run in result["ascent"]:
-        lines += [f"lambda = {run['hinge_lambda']:g}", "",
+    runs = [(f"lambda = {run['hinge_lambda']:g}", run["points"]) for run in result["ascent"]]
+    if "noise_ascent" in result:
+        runs.append((f"## Gradient through the trajectory: ascent on the initial noise (step "
+                     f"{result['noise_step']} of its RMS; RMS change of the clean latent)",
+                     result["noise_ascent"]))
+    for title, points in runs:
+        lines += [title, "",
                   "| step | latent RMS change | reward | " + " | ".join(cats) + " |",
                   "|---|---|---|" + "---|" * len(cats)]
-        for p in run["points"]:
+        for p in points:
             lines.append(f"| {p['step']} | {p['latent_rms_change']:.3f} | {p['reward']:.3f} | "
                          + " | ".join(f"{p[c]:.3f}" for c in cats) + " |")
         lines.append("")
@@ -185,10 +203,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hinge-lambdas", type=float, nargs="+", default=[1.0, 0.6],
                         help="one descent per lambda (default 1.0, plain ascent, and 0.6)")
     parser.add_argument("--every", type=int, default=10, help="measure every N ascent steps")
+    parser.add_argument("--noise-steps", type=int, default=30,
+                        help="steps of descent on the initial noise through the rollout, "
+                        "plain ascent (lambda 1; 0: skip)")
+    parser.add_argument("--noise-step", type=float, default=0.03,
+                        help="its step, in units of the noise's RMS (default 0.03)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = parser.parse_args(argv)
-    if args.samples < 1 or args.per_category < 1 or args.ascent_steps < 0 or args.every < 1:
-        parser.error("--samples, --per-category and --every must be >= 1, --ascent-steps >= 0")
+    if (args.samples < 1 or args.per_category < 1 or args.ascent_steps < 0 or args.every < 1
+            or args.noise_steps < 0):
+        parser.error("--samples, --per-category and --every must be >= 1, --ascent-steps "
+                     "and --noise-steps >= 0")
     start = time.time()
     s = setup(args)
     result = {"command": "python benchmarks/reward_signal.py " + " ".join(
@@ -199,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "ascent": [{"hinge_lambda": lam,
                           "points": ascent(s, args.step, args.ascent_steps, args.every, lam)}
                          for lam in args.hinge_lambdas]}
+    if args.noise_steps:
+        result["noise_step"] = args.noise_step
+        result["noise_ascent"] = ascent(s, args.noise_step, args.noise_steps, args.every, 1.0,
+                                        through_rollout=True)
     result["elapsed_s"] = round(time.time() - start, 1)
     write_results(args.out, "reward_signal", result, markdown(result))
     return result

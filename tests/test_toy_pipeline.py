@@ -198,8 +198,9 @@ def test_shipped_models_are_used_when_their_knobs_match_and_checked(built_cache,
 
 def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
     """benchmarks/reward_signal.py: best-of-N picks the highest-reward sample, the ceiling
-    bounds the pick, descent on the hinge raises the reward, and a lambda below every
-    reward leaves the latents where they are."""
+    bounds the pick, descent on the hinge raises the reward (of the clean latents, and of
+    the initial noise through the rollout), and a lambda below every reward leaves the
+    latents where they are."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import reward_signal
 
@@ -207,8 +208,8 @@ def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
     shutil.copytree(built_cache, cache)
     result = reward_signal.main(["--tiny", "--cache-dir", str(cache), "--per-category", "2",
                                  "--samples", "3", "--step", "0.5", "--ascent-steps", "3",
-                                 "--hinge-lambdas", "1.0", "-1.0",
-                                 "--out", str(tmp_path / "out")])
+                                 "--hinge-lambdas", "1.0", "-1.0", "--noise-steps", "3",
+                                 "--noise-step", "0.5", "--out", str(tmp_path / "out")])
     rank = result["ranking"]
     assert rank["reward_pick_mean"] >= rank["reward_one"]
     assert all(rank["any_correct"][c] >= rank["reward_pick"][c] for c in rank["reward_pick"])
@@ -216,7 +217,12 @@ def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
     assert [p["step"] for p in plain] == [0, 3] and plain[0]["latent_rms_change"] == 0
     assert plain[-1]["reward"] > plain[0]["reward"] and plain[-1]["latent_rms_change"] > 1
     assert none[-1]["latent_rms_change"] == 0 and none[-1]["reward"] == none[0]["reward"]
-    assert "the reward's pick" in (tmp_path / "out" / "reward_signal.md").read_text()
+    # Through the rollout: the same start, and the reward rises as the noise moves.
+    noise = result["noise_ascent"]
+    assert [p["step"] for p in noise] == [0, 3] and noise[0] == plain[0]
+    assert noise[-1]["reward"] > noise[0]["reward"] and noise[-1]["latent_rms_change"] > 0
+    text = (tmp_path / "out" / "reward_signal.md").read_text()
+    assert "the reward's pick" in text and "ascent on the initial noise" in text
 
 
 def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
@@ -235,11 +241,13 @@ def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
     assert float(reward_tuning.ranking_loss(rewards, none, 10.0)) == 0.0
 
 
-def test_reward_tuning_stage_of_the_world_build_and_its_benchmark(built_cache, tmp_path):
+def test_reward_tuning_stage_of_the_world_build_and_its_benchmark(built_cache, notebook_run,
+                                                                  tmp_path):
     """The world's last build stage tunes only the image tower (text tower and logit scale
     kept) and the world aligns with the tuned reward; benchmarks/reward_tuning.py runs the
     same stage with the same knobs to the same bits, and copies the other models as they
-    are."""
+    are; `--from-tuned --generator-runs` tunes the tuned reward again on an aligned
+    generator's samples too."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import reward_tuning as bench
 
@@ -273,3 +281,20 @@ def test_reward_tuning_stage_of_the_world_build_and_its_benchmark(built_cache, t
     assert all((out_cache / name).read_bytes() == (built_cache / name).read_bytes()
                for name in files.values())
     assert "Held-out pairwise accuracy" in (tmp_path / "out" / "reward_tuning.md").read_text()
+
+    aligned = notebook_run[0]  # a :tiny training run on this world, with its checkpoint
+    common = ["--tiny", "--cache-dir", str(built_cache), "--rounds", "1", "--prompts", "8",
+              "--chunk", "8", "--ascent", "0", "1", "--steps", "2", "--rank-batch", "4",
+              "--batch", "4", "--from-tuned"]
+    again = bench.main(common + ["--generator-runs", str(aligned), "--cache-out",
+                                 str(tmp_path / "again"), "--out", str(tmp_path / "out2")])
+    # It starts from the tuned reward the first call wrote, not from the contrastive one.
+    assert again["pairwise_before"] == only["pairwise_after"]
+    assert again["generators"] == ["base", str(aligned)] and again["start"] == "tuned"
+    (round_,) = again["rounds"]
+    assert [set(a) for a in round_["per_generator"]] == [{"0", "1"}] * 2
+    assert str(aligned) in (tmp_path / "out2" / "reward_tuning.md").read_text()
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        bench.main(common + ["--generator-runs", str(tmp_path), "--cache-out",
+                             str(tmp_path / "never"), "--out", str(tmp_path / "out3")])
+    assert not (tmp_path / "never").exists()

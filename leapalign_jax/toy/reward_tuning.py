@@ -111,14 +111,16 @@ def labelled_samples(fns: dict[str, Callable[..., Any]], pipe: Pipeline, generat
     return images, labels
 
 
-def tune_reward(reward_params: Params, generator: Params, pipe: Pipeline, frozen: Params,
-                batch_of: Callable[[Sequence[prompts.Prompt]], Batch],
+def tune_reward(reward_params: Params, generators: Sequence[Params], pipe: Pipeline,
+                frozen: Params, batch_of: Callable[[Sequence[prompts.Prompt]], Batch],
                 knobs: ml_collections.ConfigDict, seed: int, progress: bool = True,
                 on_round: Callable[[Params, dict[str, Any]], None] | None = None
                 ) -> tuple[Params, list[dict[str, Any]]]:
     """The tuned reward and a record per round (the checker's accuracy along the ascent,
-    before that round's tuning; first and last losses; seconds). `frozen` holds the VAE the
-    samples are decoded with; `on_round(params, record)` sees each round's result."""
+    before that round's tuning, per generator; first and last losses; seconds). Every
+    generator samples every chosen prompt; their images of a caption are ranked together.
+    `frozen` holds the VAE the samples are decoded with; `on_round(params, record)` sees
+    each round's result."""
     check_config(knobs)
     ascent = sorted(set(int(a) for a in knobs.ascent))
     rng = np.random.default_rng(seed)
@@ -156,15 +158,19 @@ def tune_reward(reward_params: Params, generator: Params, pipe: Pipeline, frozen
     for rnd in range(knobs.rounds):
         t0 = time.time()
         chosen = prompts.sample_prompts(rng, knobs.prompts, train_pool)
-        parts = [labelled_samples(fns, pipe, generator, batch_of(chosen[i:i + knobs.chunk]),
-                                  chosen[i:i + knobs.chunk], state[0],
-                                  jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk),
-                                  ascent, knobs.ascent_step)
-                 for i in range(0, len(chosen), knobs.chunk)]
+        sampled = []  # per generator: (images, labels), each (len(ascent), len(chosen), ...)
+        for g, generator in enumerate(generators):
+            parts = [labelled_samples(
+                fns, pipe, generator, batch_of(chosen[i:i + knobs.chunk]),
+                chosen[i:i + knobs.chunk], state[0],
+                jax.random.fold_in(jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk), g)
+                if g else jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk),
+                ascent, knobs.ascent_step) for i in range(0, len(chosen), knobs.chunk)]
+            sampled.append(tuple(np.concatenate([p[k] for p in parts], 1) for k in (0, 1)))
         renders = scenes.render_batch([prompts.scene_for_prompt(p, rng) for p in chosen])
-        images = np.concatenate([renders[None]] + [np.concatenate([p[0] for p in parts], 1)])
+        images = np.concatenate([renders[None]] + [im for im, _ in sampled])
         correct = np.concatenate([np.ones((1, len(chosen)), bool)]  # renders are correct
-                                 + [np.concatenate([p[1] for p in parts], 1)])
+                                 + [ok for _, ok in sampled])
         tokens = np.asarray(batch_of(chosen)["tokens"])
         sample_s = time.time() - t0
         losses = []  # device values: read once the round is done, not a sync per step
@@ -178,8 +184,10 @@ def tune_reward(reward_params: Params, generator: Params, pipe: Pipeline, frozen
         first, last = (dict(zip(("contrastive", "ranking", "anchor"),
                                 np.asarray(v, np.float64).round(5).tolist()))
                        for v in (losses[0], losses[-1]))
-        records.append({"round": rnd, "checker_accuracy_along_ascent": {
-            str(a): round(float(correct[1 + i].mean()), 4) for i, a in enumerate(ascent)},
+        along = [{str(a): round(float(ok[i].mean()), 4) for i, a in enumerate(ascent)}
+                 for _, ok in sampled]
+        records.append({"round": rnd, "checker_accuracy_along_ascent": along[0],
+                        **({"per_generator": along} if len(along) > 1 else {}),
             "loss_first_step": first, "loss_last_step": last, "sample_s": round(sample_s, 1),
             "tune_s": round(time.time() - t0 - sample_s, 1)})
         if on_round is not None:

@@ -135,7 +135,7 @@ def build_models(wc: ml_collections.ConfigDict) -> dict[str, Params]:
     if "tuned_reward" in names:
         def tune() -> Params:
             _, pipe, batch_of = make_pipeline(wc, generator)
-            return reward_tuning.tune_reward(rw, generator["flux"], pipe, {"vae": vae},
+            return reward_tuning.tune_reward(rw, [generator["flux"]], pipe, {"vae": vae},
                                              batch_of, wc.reward_tuning, wc.seed)[0]
         models["tuned_reward"] = _cached(names["tuned_reward"], tune,
                                          lambda: reward.init_reward(seed[1]), wc.prebuilt)
