@@ -141,8 +141,8 @@ def ascent(s: dict[str, Any], step: float, steps: int, every: int, hinge_lambda:
     start, points = s["rollout"](s["params"], noise), []
     x = noise if through_rollout else start
     for k in range(steps + 1):
-        clean = s["rollout"](s["params"], x) if through_rollout else x
         if k % every == 0 or k == steps:
+            clean = s["rollout"](s["params"], x) if through_rollout else x
             acc = summarize(judge(np.asarray(s["decode"](clean)), s["specs"]), s["specs"])
             points.append({"step": k, "latent_rms_change": round(float(
                 jnp.sqrt(jnp.mean((clean - start) ** 2))), 4),

@@ -160,12 +160,15 @@ def tune_reward(reward_params: Params, generators: Sequence[Params], pipe: Pipel
         chosen = prompts.sample_prompts(rng, knobs.prompts, train_pool)
         sampled = []  # per generator: (images, labels), each (len(ascent), len(chosen), ...)
         for g, generator in enumerate(generators):
-            parts = [labelled_samples(
-                fns, pipe, generator, batch_of(chosen[i:i + knobs.chunk]),
-                chosen[i:i + knobs.chunk], state[0],
-                jax.random.fold_in(jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk), g)
-                if g else jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk),
-                ascent, knobs.ascent_step) for i in range(0, len(chosen), knobs.chunk)]
+
+            def key(i):  # the first generator's keys are those of a one-generator build
+                k = jax.random.key(seed * 1000 + rnd * 100 + i // knobs.chunk)
+                return jax.random.fold_in(k, g) if g else k
+
+            parts = [labelled_samples(fns, pipe, generator, batch_of(chosen[i:i + knobs.chunk]),
+                                      chosen[i:i + knobs.chunk], state[0], key(i), ascent,
+                                      knobs.ascent_step)
+                     for i in range(0, len(chosen), knobs.chunk)]
             sampled.append(tuple(np.concatenate([p[k] for p in parts], 1) for k in (0, 1)))
         renders = scenes.render_batch([prompts.scene_for_prompt(p, rng) for p in chosen])
         images = np.concatenate([renders[None]] + [im for im, _ in sampled])

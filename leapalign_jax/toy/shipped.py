@@ -4,8 +4,8 @@
 reward, generator, tuned reward; flax msgpack, named by the hash of their knobs as in
 `cache_dir`) and `manifest.json` with each file's sha256 and the command that rebuilt
 them. A world whose knobs match a shipped file's name loads that file instead of
-building it; any other knobs build as before. `python -m leapalign_jax.toy.rebuild --check` rebuilds them from
-scratch and compares bit for bit.
+building it; any other knobs build as before. `python -m leapalign_jax.toy.rebuild
+--check` rebuilds them from scratch and compares bit for bit.
 """
 
 from __future__ import annotations
