@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from leapalign_jax import config_lib
-from leapalign_jax.toy import prompts
+from leapalign_jax.toy import checker, prompts
 from leapalign_jax.world import build_world
 from tests import notebook
 
@@ -223,6 +223,69 @@ def test_reward_signal_benchmark_on_the_tiny_world(built_cache, tmp_path):
     assert noise[-1]["reward"] > noise[0]["reward"] and noise[-1]["latent_rms_change"] > 0
     text = (tmp_path / "out" / "reward_signal.md").read_text()
     assert "the reward's pick" in text and "ascent on the initial noise" in text
+
+
+def test_prompt_order_measures_order_following_with_the_checker():
+    """benchmarks/prompt_order.py: every swap is a valid prompt that no render of the
+    original satisfies; a generator that draws what it is asked has an order effect equal
+    to its "either" rate, one that draws the same scene for P and P' has none."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import prompt_order
+
+    from leapalign_jax.toy import scenes
+
+    every = prompts.all_prompts()
+    index = {p.text: i for i, p in enumerate(every)}
+    rng = np.random.default_rng(0)
+    for category in prompt_order.CATEGORIES:
+        for p in prompt_order.chosen_prompts(category, 16, 0):
+            q = prompt_order.swapped(p)
+            assert q.text in index and q != p and prompt_order.swapped(q) == p
+            render = scenes.render_batch([prompts.scene_for_prompt(p, rng)])[0]
+            assert checker.check(render, p) and not checker.check(render, q)
+
+    def batch_of(chosen):
+        return {"cond": {}, "prompt_id": np.asarray([index[p.text] for p in chosen])}
+
+    def draw(canonical):
+        def sample(params, batch, key):
+            draw_rng = np.random.default_rng(int(jax.random.key_data(key).sum()))
+            asked = [canonical(every[i]) for i in batch["prompt_id"]]
+            return scenes.render_batch([prompts.scene_for_prompt(p, draw_rng) for p in asked])
+        return sample
+
+    group = prompt_order.chosen_prompts("position", 6, 1)
+    follows = prompt_order.images_follow_order(draw(lambda p: p), None, batch_of, group, 2, 0)
+    assert follows["order_effect"] == follows["either"] == 1.0
+    blind = prompt_order.images_follow_order(
+        draw(lambda p: min(p, prompt_order.swapped(p), key=lambda x: x.text)), None, batch_of,
+        group, 2, 0)
+    assert blind["order_effect"] == 0.0 and blind["either"] == 1.0
+    a = np.random.default_rng(1).normal(size=(3, 4, 5))
+    assert prompt_order.relative_change(a, a) == 0.0
+    np.testing.assert_allclose(prompt_order.relative_change(a, 3 * a), 2.0)
+
+
+def test_prompt_order_benchmark_on_the_tiny_world(built_cache, tmp_path):
+    """The benchmark runs end to end on the tiny world and writes its table; a --runs
+    folder without checkpoints is a one-line error and writes nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import prompt_order
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    args = ["--tiny", "--cache-dir", str(cache), "--prompts", "3", "--samples", "2"]
+    with pytest.raises(SystemExit, match="no checkpoints/ folder"):
+        prompt_order.main(args + ["--runs", str(tmp_path), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+    result = prompt_order.main(args + ["--out", str(tmp_path / "out")])
+    for category in prompt_order.CATEGORIES:
+        cond = result["conditioning"][category]
+        assert all(v > 0 for v in cond.values()), cond
+        rates = result["generators"]["base"][category]
+        assert 0 <= rates["either"] <= 1 and abs(rates["order_effect"]) <= rates["either"]
+    text = (tmp_path / "out" / "prompt_order.md").read_text()
+    assert "| base | 0 | position |" in text and "order effect" in text
 
 
 def test_reward_tuning_ranking_loss_counts_only_correct_over_incorrect_pairs():
