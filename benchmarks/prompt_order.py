@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from reward_signal import judge, shapes_world, write_results  # noqa: E402
+from reward_signal import judge, shapes_world, world_parser, write_results  # noqa: E402
 
 CATEGORIES = ("position", "color_attr")
 
@@ -165,10 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", default="", help="the shapes-world cache (default: "
-                        "the config's; the shipped models are copied into it)")
-    parser.add_argument("--tiny", action="store_true", help="the :tiny world (smoke run)")
+    parser = world_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=64,
                         help="prompts per category (default 64)")
     parser.add_argument("--samples", type=int, default=4,

@@ -189,11 +189,18 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def world_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by `doc`'s first paragraph, with the shapes-world flags
+    (--cache-dir, --tiny) that `shapes_world` takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--cache-dir", default="", help="the shapes-world cache (default: "
                         "the config's; the shipped models are copied into it)")
     parser.add_argument("--tiny", action="store_true", help="the :tiny world (smoke run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = world_parser(__doc__)
     parser.add_argument("--per-category", type=int, default=32,
                         help="held-out prompts per category (default 32)")
     parser.add_argument("--samples", type=int, default=8, help="N of best-of-N (default 8)")
