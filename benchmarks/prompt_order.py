@@ -111,7 +111,7 @@ def images_follow_order(sample, params, batch_of, group: list, samples: int,
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from leapalign_jax import flow, sampling, tasks
+    from leapalign_jax import flow, paths, sampling, tasks
 
     config, world, batch_of = shapes_world(args.tiny, args.cache_dir)
     pipe, frozen, wc = world.pipe, world.frozen, config.world
@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if run == "base":
             params, step = world.params, 0
         else:
-            if not os.path.isdir(os.path.join(run, "checkpoints")):
+            if not paths.isdir(paths.join(run, "checkpoints")):  # gs:// too
                 raise SystemExit(f"--runs {run}: no checkpoints/ folder there; pass the "
                                  "workdir of a shapes-world training run")
             params, step = tasks.latest_params(config, run, world)
