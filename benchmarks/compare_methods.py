@@ -343,16 +343,34 @@ def plot(rows: dict[str, dict[str, Any]], base: dict[str, Any], path: str, title
     plt.close(fig)
 
 
+def cpu_description(cpuinfo: str, fallback: str = "") -> str:
+    """'<model name> (family F, model M, <widest of avx512f | avx2 | avx>)' from the text
+    of /proc/cpuinfo (its first processor); `fallback` without a model name."""
+    info: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name") or fallback
+    if "cpu family" not in info:
+        return cpu
+    # XLA compiles for the host's vector width, so training may round differently on an
+    # AVX-512 CPU than on an AVX2 one of the same name: results record which.
+    flags = set(info.get("flags", "").split())
+    isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
+    return f"{cpu} (family {info['cpu family']}, model {info.get('model', '?')}, {isa})"
+
+
 def machine() -> dict[str, Any]:
     import jax
 
-    cpu = platform.processor()
+    cpuinfo = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                       cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+            cpuinfo = f.read()
+    return {"platform": platform.platform(),
+            "cpu": cpu_description(cpuinfo, platform.processor()),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()]}
 
 
 # --------------------------------------------------------------------------- driver

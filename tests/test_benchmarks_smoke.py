@@ -153,3 +153,19 @@ def test_compare_methods_overrides_reach_every_runs_config():
     assert cm.make_config({**job, "anchor_coef": 0.5}).method.anchor_coef == 1.0
     grpo = cm.make_config({**free, "method": "grpo", "anchor_coef": 0.5})
     assert "anchor_coef" not in grpo.method
+
+
+def test_compare_methods_records_the_cpu_family_and_vector_isa():
+    """Two CPUs of one name can round training differently; the record tells them apart."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare_methods as cm
+
+    def cpuinfo(flags):
+        return ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                f"model name\t: AMD EPYC\nflags\t\t: fpu sse2 {flags}\n\n"
+                "processor\t: 1\nmodel name\t: other\n")
+
+    assert cm.cpu_description(cpuinfo("avx avx2 avx512f avx512bw")) == (
+        "AMD EPYC (family 25, model 17, avx512f)")
+    assert cm.cpu_description(cpuinfo("avx avx2")) == "AMD EPYC (family 25, model 17, avx2)"
+    assert cm.cpu_description("", "arm64") == "arm64"  # no /proc/cpuinfo: the fallback
