@@ -14,6 +14,9 @@
 # GROUPs (default: all, in this order): methods (1 and 4, ~7 min on an H100 with compiles),
 # lora (2), plans (3). A 15-minute GPU lease fits `methods`, or `lora`, in one call.
 #
+# The machine needs this repo's requirements; where its image lacks one (ml_collections on
+# the H100 image of 2026-11), install its wheel first (pip download here, pip install there).
+#
 # Each check runs in its own process (its peak memory is its own), under what is left of
 # DEADLINE_S; the full output goes to $OUT/checks.log, the key lines to stdout.
 set -u
