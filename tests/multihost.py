@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from tests.devices import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = ("MULTIHOST_COORDINATOR", "MULTIHOST_NUM_PROCESSES", "MULTIHOST_PROCESS_ID")
 
@@ -39,7 +41,7 @@ def run_workers(script: str, args: Sequence[str] = (), num_processes: int = 2,
             for i in range(num_processes):
                 env = dict(
                     os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=pythonpath,
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+                    XLA_FLAGS=xla_flags(devices_per_process),
                     **dict(zip(_ENV, (coordinator, str(num_processes), str(i)))))
                 out = open(os.path.join(tmp, f"{i}.out"), "w+")
                 err = open(os.path.join(tmp, f"{i}.err"), "w+")

@@ -21,6 +21,7 @@ import pytest
 from leapalign_jax import config_lib, paths, tasks, train
 from leapalign_jax.world import build_world
 from tests import multihost
+from tests.devices import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_train_worker.py")
@@ -52,7 +53,7 @@ def start_job(workdir, markers, sleep, *overrides):
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=multihost.ROOT,
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   XLA_FLAGS=xla_flags(4),
                    **dict(zip(multihost._ENV, (coordinator, "2", str(i)))))
         procs.append(subprocess.Popen(
             [sys.executable, WORKER, str(workdir), str(markers), str(sleep), VARIANT,

@@ -13,11 +13,12 @@ import textwrap
 import pytest
 
 from leapalign_jax import parallel
+from tests.devices import xla_flags
 
 
 def _run_on_8_devices(script):
     """Runs `script` in a Python with 8 simulated CPU devices; returns its RESULT json."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
