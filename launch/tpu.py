@@ -51,7 +51,7 @@ PROCESS_PATTERN = "leapalign_jax[.]main"
 STATUS_MARKER = "leapalign-status"
 # leapalign_jax.train.PREEMPTED_EXIT_CODE (not imported: this module must not need jax).
 PREEMPTED_EXIT_CODE = 42
-# A line written by clu's LoggingWriter through absl: "I0101 ... file.py:48] [STEP] k=v, ...".
+# A metrics line of the log file (leapalign_jax/summaries.py): "... summaries.py:64] [STEP] k=v, ...".
 METRICS_REGEX = r"\] \[[0-9]+\] "
 
 LOST_STATES = ("PREEMPTED", "TERMINATED", "MISSING")

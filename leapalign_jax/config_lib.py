@@ -57,8 +57,8 @@ def base_config(method: str = "leapalign") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # newest N checkpoints are kept
     c.train.max_nonfinite_steps = 10  # stop after this many consecutive skipped steps
     c.train.start_fresh = False  # True: set aside an incompatible checkpoint dir and restart
-    # Steps to trace with the JAX profiler (clu periodic_actions.Profile, process 0), starting
-    # 5 steps after the run (re)starts, into DIR/plugins/profile for TensorBoard (0: off).
+    # Steps to trace with the JAX profiler (process 0), starting 5 steps after the run
+    # (re)starts, into DIR/plugins/profile for TensorBoard (0: off).
     c.train.profile_steps = 0
 
     c.mesh = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@ variants (`--config configs/toy_leapalign.py:refl`). `config.task` picks the job
 workdir may be local or `gs://bucket/dir` (see leapalign_jax/paths.py).
 
 The console shows the progress bar, one line per evaluation, warnings and the final table;
-the libraries' INFO logging (absl, orbax, jax, tensorflow) goes to `DIR/log.txt`
+the libraries' INFO logging (absl, orbax, jax) goes to `DIR/log.txt`
 (`DIR/log-<i>.txt` for process i > 0 of a pod). `--verbose` shows it on the console too.
 """
 
@@ -19,11 +19,8 @@ import tempfile
 import threading
 import time
 
-if "--verbose" not in sys.argv:  # C++ INFO lines of TensorFlow/XLA, read at library load
+if "--verbose" not in sys.argv:  # XLA's C++ INFO lines, read at library load
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    # TensorFlow only writes TensorBoard files here (no TF kernels run); this silences its
-    # oneDNN notice at import.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -12,8 +12,8 @@ global arrays. A SIGTERM reaches one host at a time, so the stop flag is agreed 
 A host that dies outright (SIGKILL, a lost VM) cannot be agreed with: the others stop at
 their next collective when JAX's coordination service misses its heartbeat (an error
 exit, not a hang), and the rerun resumes from the last checkpoint all hosts finished
-(tests/test_multihost.py). Process 0 writes TensorBoard, image grids and the progress
-bar; clu's `ReportProgress` (steps/s, ETA) and an optional `Profile` run there too.
+(tests/test_multihost.py). Process 0 writes TensorBoard (`summaries`), image grids, the
+progress bar and an optional profiler trace.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import parameter_overview
 from flax import struct
 from tqdm import tqdm
 
-from leapalign_jax import checkpoint, data, methods, parallel, paths, sampling
+from leapalign_jax import checkpoint, data, methods, parallel, paths, sampling, summaries
 from leapalign_jax.pipeline import Batch, Params, World
 
 # Exit status of a run stopped by SIGTERM after writing its checkpoint (preemption).
@@ -281,6 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
     if restored is not None:
         state = restored[0]
         console(f"restored step {int(state.step)} from {workdir}")
+    # The trained tree's names, shapes and sizes (a LoRA run: the adapters) in the log file.
+    parameter_overview.log_parameter_overview(state.params, include_stats=False,
+                                              msg="trained parameters", jax_logging_process=0)
     frozen, frozen_sh = place_frozen(config, world, mesh, rules, shardings)
 
     rows = data.process_rows(tc.batch_size, parallel.batch_sharding(mesh))
@@ -294,27 +298,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     sample_fn = sampling.make_sample_fn(world.pipe)
 
-    # Imported here: clu's writers pull in tensorflow, which the step and the plan never need.
-    from clu import metric_writers, periodic_actions
-
-    writer = metric_writers.create_default_writer(paths.join(workdir),
-                                                  just_logging=not process0)
+    writer = summaries.SummaryWriter(paths.join(workdir), enabled=process0)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     start, total = int(jax.device_get(state.step)), tc.steps
     meta = lambda s: {"fingerprint": fingerprint, "data_position": s}  # noqa: E731
     if start == 0:
         writer.write_hparams(flat_hparams(config))
-    actions = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                               every_steps=tc.log_every, every_secs=None)]
-    if tc.get("profile_steps") and process0:
-        actions.append(periodic_actions.Profile(
-            logdir=paths.join(workdir), num_profile_steps=tc.profile_steps,
-            profile_duration_ms=0, first_profile=start + 5, every_secs=None))
+    # Traced steps (JAX profiler, process 0), past the first steps' compilation.
+    traced = range(start + 5, start + 5 + tc.get("profile_steps", 0)) if process0 else range(0)
+    last_log = (start, time.perf_counter())  # for steps_per_sec
     try:
         bar = tqdm(range(start, total), initial=start, total=total, disable=not process0,
                    desc="align", dynamic_ncols=True)
         for step in bar:
+            if traced and step == traced.start:
+                jax.profiler.start_trace(paths.join(workdir))
             t0 = time.perf_counter()
             batch = data.global_batch(process_batch(world, step, rows), mesh)
             state, metrics = step_fn(state, frozen, batch)
@@ -323,8 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
             metrics["step_time_s"] = time.perf_counter() - t0
             done = step + 1
             last = done == total
-            for action in actions:
-                action(done)
+            if traced and done == traced.stop:
+                jax.profiler.stop_trace()
             # One host got SIGTERM: all of them save this step and stop together.
             stopping = paths.any_process(stop.requested)
             if int(run) >= tc.max_nonfinite_steps:
@@ -333,6 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
                     "lower config.optim.learning_rate or check the reward. The last good "
                     "checkpoint is kept.")
             if done % tc.log_every == 0 or last:
+                now = time.perf_counter()
+                metrics["steps_per_sec"] = (done - last_log[0]) / (now - last_log[1])
+                last_log = (done, now)
                 writer.write_scalars(done, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 reward=f"{metrics.get('reward_mean', float('nan')):.4f}")
@@ -350,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, world: W
                     grid = sampling.save_grid(
                         images, paths.join(workdir, "images", f"{done:06d}.png"),
                         captions=world.eval_prompts)
-                    writer.write_images(done, {"samples": grid[None]})
+                    writer.write_image(done, "samples", grid)
             if done % tc.checkpoint_every == 0 or last or stopping:
                 checkpoint.save(manager, state, meta(done))
             if stopping:

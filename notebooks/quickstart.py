@@ -69,9 +69,6 @@ print(f"test mode: {TEST_MODE}, Colab: {IN_COLAB}, Python {sys.version.split()[0
 # - installs `requirements.txt` **minus** `jax`, `jaxlib`, `libtpu` and the CUDA
 #   plugins, with the installed versions of those pinned as pip *constraints*, so that
 #   no other package (a newer `flax`, say) can pull in a different JAX either;
-# - skips `tensorflow-cpu` when TensorFlow is already installed (Colab's; `clu` only
-#   needs `import tensorflow` for its TensorBoard writer, and two TensorFlow builds
-#   overwrite each other's files);
 # - installs the project itself with `--no-deps`.
 #
 # The project needs `jax>=0.10`; if the runtime's JAX is older, the cell stops and says
@@ -112,9 +109,7 @@ def requirement_name(line: str) -> str | None:
 
 def keep(name: str) -> bool:
     """False for the accelerator stack, which the runtime provides."""
-    if name in ACCELERATOR_PACKAGES or name.startswith(("jax-cuda", "jax-rocm")):
-        return False
-    return not (name == "tensorflow-cpu" and installed("tensorflow"))
+    return name not in ACCELERATOR_PACKAGES and not name.startswith(("jax-cuda", "jax-rocm"))
 
 
 REPO = find_repo()
@@ -255,13 +250,12 @@ plt.show()
 # %% [markdown]
 # ### Reward curve
 #
-# Metrics go to TensorBoard event files in the workdir (through `clu`'s metric
-# writers): `reward_mean` is the reward of each step's rollouts on training prompts,
+# Metrics go to TensorBoard event files in the workdir (`leapalign_jax/summaries.py`,
+# which needs no TensorFlow): `reward_mean` is the reward of each step's rollouts on training prompts,
 # `loss` the LeapAlign loss. They are read here with TensorBoard's own event reader.
 
 # %%
 from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -269,14 +263,8 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     files = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
     for path in sorted(files):
-        events = event_accumulator.EventAccumulator(
-            path, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
+        events = event_accumulator.EventAccumulator(path, size_guidance={"scalars": 0})
         events.Reload()
-        for tag in events.Tags()["tensors"]:  # TF2 summaries (clu) store scalars as tensors
-            if events.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
-                continue  # image grids, hyperparameters
-            series.setdefault(tag, []).extend(
-                (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag))
         for tag in events.Tags()["scalars"]:
             series.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
     return {tag: sorted(points) for tag, points in series.items()}

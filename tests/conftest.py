@@ -19,12 +19,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_opt
                            " --xla_llvm_disable_expensive_passes=true").strip()
 sys.path.insert(0, ROOT)
 
-# Files that take minutes go first, so the two xdist workers (--dist loadfile, README)
-# finish together instead of one running a long file alone at the end.
-SLOW_FILES_FIRST = ("test_multihost.py", "test_toy_pipeline.py", "test_parallel.py",
-                    "test_robustness.py", "test_train.py",
-                    "test_flux_world.py", "test_benchmarks_smoke.py", "test_reference.py",
-                    "test_tasks.py")
+# Files that take minutes go first, longest first (`--durations`), so the two xdist
+# workers finish together instead of one running a long file alone at the end; the README's
+# command keeps this order with --no-loadscope-reorder (xdist's default sorts files by
+# their number of tests).
+SLOW_FILES_FIRST = ("test_toy_pipeline.py", "test_robustness.py", "test_train.py",
+                    "test_multihost.py", "test_benchmarks_smoke.py", "test_flux_world.py",
+                    "test_parallel.py", "test_toy_world.py", "test_flux.py", "test_plan.py",
+                    "test_rewards.py", "test_anchor.py", "test_reference.py",
+                    "test_flux_pipeline.py", "test_tasks.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -166,7 +166,8 @@ def test_remat_same_outputs_and_gradients(quant):
     for remat in ("full", "dots_saveable"):
         rematted = jax_outputs(dataclasses.replace(config, remat=remat), params, images, z, w)
         for name, a, b in zip(("mean", "logvar", "decode", "gradient"), rematted, plain):
-            assert rel_err(a, b) <= 1e-6, (remat, name)
+            # float32 sums in another order (1e-6 is about 8 ulps); a remat bug is O(1)
+            assert rel_err(a, b) <= 1e-5, (remat, name)
 
 
 def test_bfloat16_compute_close(quant):

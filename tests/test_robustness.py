@@ -4,7 +4,6 @@ Signals go to a real `python -m leapalign_jax.main` subprocess on the tiny rando
 """
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from leapalign_jax import config_lib, tasks, train
 from leapalign_jax.world import build_world
@@ -241,42 +241,6 @@ def test_prompt_file_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- a bucket
 
-# `python -m leapalign_jax.main` with clu's TensorBoard writer swapped for one that records
-# its calls through epath: TensorFlow's own GCS client (which clu's SummaryWriter uses) has
-# a fixed endpoint, so it cannot be pointed at the emulator. Everything else is unchanged.
-BUCKET_MAIN = """
-import json, runpy, sys
-from clu.metric_writers import interface, utils
-from etils import epath
-
-class BucketEvents(interface.MetricWriter):
-    def __init__(self, logdir):
-        self.path, self.calls = epath.Path(logdir) / "events.jsonl", []
-    def write_summaries(self, step, values, metadata=None):
-        self.calls.append(["summaries", step, sorted(values)])
-    def write_scalars(self, step, scalars):
-        self.calls.append(["scalars", step, sorted(scalars)])
-    def write_images(self, step, images):
-        self.calls.append(["images", step, {k: list(v.shape) for k, v in images.items()}])
-    def write_videos(self, step, videos): pass
-    def write_audios(self, step, audios, *, sample_rate): pass
-    def write_texts(self, step, texts): pass
-    def write_histograms(self, step, arrays, num_buckets=None): pass
-    def write_hparams(self, hparams):
-        self.calls.append(["hparams", 0, sorted(hparams)])
-    def flush(self):
-        old = self.path.read_text() if self.path.exists() else ""
-        self.path.write_text(old + "".join(json.dumps(c) + "\\n" for c in self.calls))
-        self.calls = []
-    def close(self):
-        self.flush()
-
-utils.SummaryWriter = BucketEvents
-sys.argv = ["leapalign_jax.main", *sys.argv[1:]]
-runpy.run_module("leapalign_jax.main", run_name="__main__")
-"""
-
-
 # The emulator, plus the x-goog-generation header real GCS sends with object data
 # (tensorstore's conditional writes of orbax's OCDBT manifests read it) and the objects.move
 # API (`.../o/SRC/moveTo/o/DST`) that gcsfs's renames call first: without it the emulator
@@ -381,7 +345,8 @@ def test_workdir_on_a_bucket(bucket, tmp_path):
 
     def main(*overrides):
         return subprocess.run(
-            [sys.executable, "-c", BUCKET_MAIN, "--config", CONFIG, "--workdir", "gs://bkt/run",
+            [sys.executable, "-m", "leapalign_jax.main", "--config", CONFIG,
+             "--workdir", "gs://bkt/run",
              "--config.train.log_every=1", "--config.train.checkpoint_every=1",
              # Two checkpoints are all the flow needs; each object the emulator copies on
              # start_fresh costs time.
@@ -395,14 +360,21 @@ def test_workdir_on_a_bucket(bucket, tmp_path):
     names = objects("run/")
     for name in ("run/results.md", "run/log.txt", "run/images/000002.png",
                  "run/eval/base/results.json", "run/eval/step_000002/results.json",
-                 "run/eval/step_000002/images/00007.png", "run/events.jsonl"):
+                 "run/eval/step_000002/images/00007.png"):
         assert name in names, (name, names)
     assert any(n.startswith("run/checkpoints/2/") for n in names)
     assert "| base |" in read("run/results.md").decode() and "| base |" in first.stdout
-    events = [json.loads(line) for line in read("run/events.jsonl").decode().splitlines()]
-    kinds = {e[0] for e in events}
-    assert {"hparams", "scalars", "images"} <= kinds, kinds
-    assert any("steps_per_sec" in e[2] for e in events if e[0] == "scalars")
+    # TensorBoard's own reader on the event file the run wrote into the bucket.
+    (event_file,) = [n for n in names if "/events.out.tfevents." in n]
+    local = tmp_path.parent / f"{tmp_path.name}-events" / os.path.basename(event_file)
+    local.parent.mkdir()
+    local.write_bytes(read(event_file))
+    events = event_accumulator.EventAccumulator(str(local), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("steps_per_sec")] == [1, 2]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert tags["images"] == ["samples"] and "_hparams_/session_start_info" in tags["tensors"]
     assert read("run/images/000002.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert "orbax" in read("run/log.txt").decode()  # library INFO logs go to the log file
     assert "orbax" not in first.stderr  # and not to the console
