@@ -11,7 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every executable, the many sub-second ones too (eager ops, small jits): a subprocess
+# reads them back instead of compiling them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU's
 # cheap compile options (those task=plan uses) take about 40% off its time; subprocesses
 # inherit them (tests/devices.py keeps them beside a simulated device count).

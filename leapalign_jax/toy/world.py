@@ -85,18 +85,21 @@ def _cached(path: str, build: Callable[[], Params], like: Callable[[], Params],
     Built once per job: process 0 loads or builds and saves; the others wait at a barrier
     and then read what it wrote.
     """
+    # The structure to read into, traced rather than run: an eager flax init compiles every
+    # op one by one (seconds per model at each start).
+    template = lambda: jax.eval_shape(like)  # noqa: E731
     if paths.is_writer():
         try:
-            params = cache.load_params(path, like()) if paths.exists(path) else None
+            params = cache.load_params(path, template()) if paths.exists(path) else None
         except ValueError as e:
             logging.warning("rebuilding %s: %s", path, e)
             params = None
         if params is None:
-            params = (prebuilt and shipped.load(os.path.basename(path), like)) or build()
+            params = (prebuilt and shipped.load(os.path.basename(path), template)) or build()
             cache.save_params(path, params)
     paths.barrier(f"cache:{path}")
     if not paths.is_writer():
-        params = cache.load_params(path, like())
+        params = cache.load_params(path, template())
     return params
 
 
