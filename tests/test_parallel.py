@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent(r"""
 
     ref_v = pipe.velocity(world.params, x, sigma, batch["cond"])
     velocity = lambda p, x, s, c: pipe.velocity(p, x, s, c)
-    # One jitted rollout for every mesh: it recompiles per sharding, not per call site.
+    # The rollout (the forward in a loop) on the mesh that splits all three axes; each
+    # further mesh would cost a compile of its own.
     roll = jax.jit(lambda p, x0, cond: flow.euler_rollout(
         lambda q, y, s: pipe.velocity(q, y, s, cond), p, x0, pipe.sigmas)[0])
     ref_roll = roll(world.params, x, batch["cond"])
@@ -66,9 +67,10 @@ SCRIPT = textwrap.dedent(r"""
                  if a.addressable_shards[0].data.size < a.size]
         out[str(shape)] = dict(
             v_err=float(jnp.max(jnp.abs(v - ref_v))),
-            roll_err=float(jnp.max(jnp.abs(roll(params, xs, b["cond"]) - ref_roll))),
             n_split=len(split), n_leaves=len(jax.tree.leaves(params)),
             v_sharded=not v.sharding.is_fully_replicated)
+        if shape == (2, 2, 2):
+            out["roll_err"] = float(jnp.max(jnp.abs(roll(params, xs, b["cond"]) - ref_roll)))
 
     def one_step_on_each_mesh(world):
         # A full train step on one device and on the (2, 2, 2) mesh: how far the two new
@@ -111,12 +113,12 @@ def test_sharded_forward_rollout_and_step_match_one_device():
     for shape in ["(2, 2, 2)", "(1, 4, 2)", "(8, 1, 1)"]:
         r = result[shape]
         assert r["v_err"] < 1e-5, (shape, r)
-        assert r["roll_err"] < 1e-4, (shape, r)
         assert r["v_sharded"], (shape, r)  # the batch stays split through the network
         if shape != "(8, 1, 1)":  # pure data parallelism replicates weights
             assert r["n_split"] >= r["n_leaves"] // 3, (shape, r)
         else:
             assert r["n_split"] == 0, (shape, r)
+    assert result["roll_err"] < 1e-4, result["roll_err"]
     step = result["train_step"]
     assert step["max_moved"] > 1e-6, step  # the step did update the params
     assert step["max_diff"] < 1e-5, step
