@@ -5,7 +5,7 @@
     python benchmarks/flux_accelerator.py --tiny          # CPU smoke test, seconds
     python benchmarks/flux_accelerator.py --method alignprop --no-torch   # another method
     python benchmarks/flux_accelerator.py --depth 19 --single 38 --lora-rank 64 \
-        --resolution 720 --no-torch      # FLUX.1-dev's full depth, LoRA (one H100)
+        --scan-blocks --resolution 720 --no-torch   # FLUX.1-dev's full depth, LoRA (one H100)
 
 A Flux of FLUX.1-dev's width (hidden 3072, 24 heads, head dim 128, T5/CLIP input widths)
 with fewer blocks (default 2 double + 4 single, ~1.25B params), at 512x512 (32x32 = 1024
@@ -143,6 +143,8 @@ def main() -> None:
                         help="the method whose train step is timed (its default knobs)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train rank-r LoRA adapters, the base frozen in bfloat16 (0: all)")
+    parser.add_argument("--scan-blocks", action="store_true",
+                        help="one nn.scan per block kind (XLA compiles one block of each)")
     parser.add_argument("--flops-only", action="store_true",
                         help="trace the step from shapes and print its FLOPs (any host)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch rollout")
@@ -151,17 +153,20 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.tiny:
-        mc = dataclasses.replace(TINY, dtype=args.dtype, remat=args.remat)
+        mc = dataclasses.replace(TINY, dtype=args.dtype, remat=args.remat,
+                                 scan_blocks=args.scan_blocks)
         args.resolution, args.text_len, args.steps, args.batch, args.runs = 64, 8, 2, 2, 1
     else:
         mc = dataclasses.replace(FLUX_DEV, depth=args.depth, depth_single_blocks=args.single,
-                                 dtype=args.dtype, remat=args.remat)
+                                 dtype=args.dtype, remat=args.remat,
+                                 scan_blocks=args.scan_blocks)
     side = args.resolution // 16  # VAE /8, then 2x2 patches
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()})")
     print(f"method: {args.method}")
     print(f"model: Flux {mc.depth}+{mc.depth_single_blocks} blocks, hidden {mc.hidden_size}, "
-          f"{mc.num_heads} heads, {mc.dtype}, remat {mc.remat}; {side * side} image + "
+          f"{mc.num_heads} heads, {mc.dtype}, remat {mc.remat}, scan_blocks {mc.scan_blocks}; "
+          f"{side * side} image + "
           f"{args.text_len} text tokens, T={args.steps}, batch {args.batch}")
 
     sigmas = flow.flux_sigmas(args.steps, side * side)

@@ -39,7 +39,8 @@ The variant after ':' is a comma-separated list:
 - "hpsv21": train on HPSv2.1 with alpha 0.3 and hinge 0.55 (the paper's main run);
 - "pickscore": train on PickScore with alpha 0.1 and hinge 0.4;
 - "lora": train rank-64 LoRA adapters of every attention and MLP kernel (alpha 64, lr
-  1e-4) with the base frozen in bfloat16 and sharded like params; `task=export` then
+  1e-4) with the base frozen in bfloat16 and sharded like params, the blocks under
+  `world.scan_blocks` (XLA compiles one block per kind, not 19 + 38); `task=export` then
   writes the merged weights (`configs/flux_dev.py:hpsv21,lora`);
 - "tiny": a tiny random FLUX.1 folder, a tiny checkpoint of every judge and prompts written
   into `world.cache_dir` (no torch), everything through the real loaders on CPU in about a
@@ -90,6 +91,9 @@ def get_config(variant: str | None = None):
     if "lora" in parts:
         config.lora.update(dict(enabled=True, rank=64, alpha=64.0))
         config.world.param_dtype = "bfloat16"  # the frozen base; adapters stay float32
+        # Unrolled, the 19 + 38-block LoRA step did not compile in 530 s on an H100
+        # (benchmarks/results/accelerator.md); scanned, XLA compiles one block per kind.
+        config.world.scan_blocks = True
         config.optim.learning_rate = 1e-4
     return tiny(config, keep_hinge=bool(runs)) if "tiny" in parts else config
 

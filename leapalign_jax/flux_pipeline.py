@@ -351,8 +351,8 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
                        transformer_path: str | os.PathLike | None = None,
                        vae_path: str | os.PathLike | None = None,
                        mesh: Mesh | None = None,
-                       rules: Sequence[tuple[str, Any]] = parallel.DEFAULT_RULES
-                       ) -> FluxPipeline:
+                       rules: Sequence[tuple[str, Any]] = parallel.DEFAULT_RULES,
+                       scan_blocks: bool = False) -> FluxPipeline:
     """Loads a FLUX.1 folder in diffusers layout as a `FluxPipeline`.
 
     Everything cheap is checked before any weight is read (model_index.json, every
@@ -374,6 +374,8 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
       mesh: load the transformer, T5 and VAE straight onto their device shards
         (`weights.sharded`, logical axes mapped by `rules`), tensor by tensor, instead of
         into host memory; CLIP (small) is loaded whole.
+      scan_blocks: load the transformer in the stacked `scan_blocks` layout (one
+        `nn.scan` per block kind: XLA compiles one block of each kind, not 19 + 38).
 
     Raises:
       FileNotFoundError: the folder, model_index.json, a component or a weight file is
@@ -413,11 +415,13 @@ def load_flux_pipeline(path: str | os.PathLike, dtype: str = "float32", *,
         "clip": ("text_encoder", load_clip_text, "model.safetensors"),
         "vae": ("vae", load_autoencoder, "diffusion_pytorch_model.safetensors"),
         "t5": ("text_encoder_2", load_t5, "model.safetensors"),
-        "transformer": ("transformer", load_flux, "diffusion_pytorch_model.safetensors"),
+        "transformer": ("transformer", functools.partial(load_flux, scan_blocks=scan_blocks),
+                        "diffusion_pytorch_model.safetensors"),
     }
     if mesh is not None:
         sharded = {"vae": load_autoencoder_sharded, "t5": load_t5_sharded,
-                   "transformer": load_flux_sharded}
+                   "transformer": functools.partial(load_flux_sharded,
+                                                    scan_blocks=scan_blocks)}
         loaders = {k: (sub, functools.partial(sharded[k], mesh=mesh, rules=rules)
                        if k in sharded else loader, single)
                    for k, (sub, loader, single) in loaders.items()}

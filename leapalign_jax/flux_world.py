@@ -107,9 +107,10 @@ def flux_config() -> ml_collections.ConfigDict:
     # FLUX.1-dev at 720x720, batch 4 per device, needs ~114 GiB per device with
     # dots_saveable and ~21 GiB with full (benchmarks/results/plan.md).
     c.remat = "full"
-    # One nn.scan per block kind (models/flux.py FluxConfig.scan_blocks): task=plan compiles
-    # FLUX.1-dev's whole step in minutes with it. Training this world needs the per-block
-    # layout the streaming loader writes, so only task=plan accepts True.
+    # One nn.scan per block kind (models/flux.py FluxConfig.scan_blocks): XLA compiles one
+    # double and one single block instead of 19 + 38 (both layouts' compile times:
+    # benchmarks/results/scan_compile/). The loader streams into the stacked layout, LoRA
+    # stacks its adapters, export unstacks; a run's checkpoints keep the layout it began with.
     c.scan_blocks = False
     c.vae_remat = "full"  # VAE decoder block remat (the decoder is differentiated)
     # The training reward: a judge name or a weighted sum "name:w,name:w" (e.g.
@@ -385,9 +386,6 @@ def _result_knobs(wc: ml_collections.ConfigDict) -> dict[str, Any]:
 def build(config: ml_collections.ConfigDict) -> World:
     """The flux world of `config` (weights streamed onto the mesh of `config.mesh`)."""
     wc = config.world
-    if wc.get("scan_blocks"):
-        raise ValueError("config.world.scan_blocks=True is for task=plan only (the streaming "
-                         "loader writes per-block params); set it to False")
     src = sources(wc)
     folder = src.checkpoint
     mesh, rules = parallel.make_mesh(config.mesh.shape), _rules(config)
@@ -419,7 +417,7 @@ def build(config: ml_collections.ConfigDict) -> World:
 
     generator = flux_pipeline.load_flux_pipeline(
         folder, wc.dtype, components=("transformer",), param_dtype=wc.param_dtype, mesh=mesh,
-        rules=rules)
+        rules=rules, scan_blocks=bool(wc.get("scan_blocks")))
     vae = flux_pipeline.load_flux_pipeline(
         folder, wc.dtype, components=("vae",), param_dtype=wc.frozen_dtype, mesh=mesh,
         rules=rules)
@@ -514,6 +512,8 @@ def build(config: ml_collections.ConfigDict) -> World:
                 "reward": _reward_identity(weights, src),
                 "prompts": hashlib.sha256("\n".join(train_set.keys).encode()).hexdigest()[:16],
                 "knobs": _result_knobs(wc)}
+    if fcfg.scan_blocks:  # stacked checkpoints cannot resume a per-block run, nor back
+        identity["param_layout"] = "scan_blocks"
     return World(pipe=pipe, params=generator.params["transformer"],
                  param_axes=abstract_params(fcfg), frozen=frozen, train_batch=train_batch,
                  model=fcfg,

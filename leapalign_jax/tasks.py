@@ -10,6 +10,7 @@ console lines (one per evaluation, then the table).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -148,8 +149,10 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str | N
     if world.assemble is not None:
         params = jax.jit(lambda p, f: lora.merge(f["base"], p, config.lora))(
             params, world.frozen)
-    if world.model.scan_blocks:
-        params = unstack_blocks(params, world.model)
+    model = world.model
+    if model.scan_blocks:  # the files hold one tensor per block
+        params = unstack_blocks(params, model)
+        model = dataclasses.replace(model, scan_blocks=False)
     out = config.get("export_dir") or paths.join(workdir, "export", f"step_{step:06d}")
     if paths.is_remote(out):
         raise ValueError(f"export folder {out} is remote; set --config.export_dir to a local "
@@ -165,21 +168,21 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str | N
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
         try:
-            flux_weights.save_flux_bfl(os.path.join(tmp, "flux.safetensors"), world.model,
+            flux_weights.save_flux_bfl(os.path.join(tmp, "flux.safetensors"), model,
                                        host, dtype=dtype)
-            if world.model.mlp_ratio == 4.0:
+            if model.mlp_ratio == 4.0:
                 flux_weights.save_flux_diffusers(os.path.join(tmp, "transformer"),
-                                                 world.model, host, dtype=dtype)
+                                                 model, host, dtype=dtype)
                 written["diffusers"] = os.path.join(out, "transformer")
             else:
                 logging.warning("mlp_ratio %s has no diffusers FluxTransformer2DModel: "
-                                "wrote the BFL file only", world.model.mlp_ratio)
+                                "wrote the BFL file only", model.mlp_ratio)
             os.rename(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         train.console(f"exported step {step} to {out}")
-    elif world.model.mlp_ratio == 4.0:
+    elif model.mlp_ratio == 4.0:
         written["diffusers"] = os.path.join(out, "transformer")
     paths.barrier("export")
     return written

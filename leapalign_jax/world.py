@@ -26,8 +26,7 @@ import numpy as np
 
 from leapalign_jax import checkpoint, evaluate, flow, flux_world, parallel, sampling
 from leapalign_jax.models import lora
-from leapalign_jax.models.flux import (Flux, FluxConfig, abstract_params, init_params,
-                                       stack_blocks)
+from leapalign_jax.models.flux import Flux, FluxConfig, abstract_params, init_params
 from leapalign_jax.pipeline import Batch, Params, Pipeline, World
 from leapalign_jax.toy import world as shapes_world
 from leapalign_jax.weights.flux import load_flux
@@ -92,11 +91,9 @@ def build_random_flux(config: ml_collections.ConfigDict) -> World:
     loaded = None
     if wc.init_weights:
         axes = None if wc.init_axes_dim is None else tuple(wc.init_axes_dim)
-        file_config, loaded = load_flux(wc.init_weights, axes_dim=axes)
-        knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"],
-                     scan_blocks=knobs["scan_blocks"])
-        if knobs["scan_blocks"]:
-            loaded = stack_blocks(loaded, file_config)
+        file_config, loaded = load_flux(wc.init_weights, axes_dim=axes,
+                                        scan_blocks=knobs["scan_blocks"])
+        knobs = dict(dataclasses.asdict(file_config), dtype=knobs["dtype"], remat=knobs["remat"])
     model = Flux(FluxConfig(**knobs))
     mc = model.config
     seq = wc.latent_hw * wc.latent_hw
@@ -201,9 +198,6 @@ def with_lora(world: World, cfg: ml_collections.ConfigDict, seed: int) -> World:
     if world.param_axes is None:
         raise ValueError("config.lora.enabled needs a Flux world with logical param axes "
                          "(random_flux or flux); set config.lora.enabled=False")
-    if getattr(world.model, "scan_blocks", False):
-        raise ValueError("LoRA adapts the per-block layout; set scan_blocks=False "
-                         "(config.world.model.scan_blocks / config.world.scan_blocks)")
     if "base" in world.frozen:
         raise ValueError("this world's frozen tree already has a 'base' entry; LoRA cannot "
                          "be added to it")

@@ -46,15 +46,31 @@ def test_flux_accelerator_lora_and_flops_from_shapes():
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
     run_lines = keyed(run("benchmarks/flux_accelerator.py", "--tiny", "--lora-rank", "2",
-                          "--no-torch"))
+                          "--scan-blocks", "--no-torch"))
     shape_lines = keyed(run("benchmarks/flux_accelerator.py", "--tiny", "--lora-rank", "2",
-                            "--flops-only"))
+                            "--scan-blocks", "--flops-only"))
+    assert "scan_blocks True" in run_lines["model"]
     adapters = int(run_lines["params"].split()[0])
     assert 0 < adapters < int(run_lines["frozen_base_params"].split()[0])
     assert float(run_lines["train_s_per_iter"]) > 0
     # The FLOPs come from the step's jaxpr, so shapes alone give the same count.
     assert run_lines["train_flops_per_iter"] == shape_lines["train_flops_per_iter"]
     assert "train_s_per_iter" not in shape_lines
+
+
+def test_scan_compile_tiny(tmp_path):
+    """Both layouts compile and run from the same weights to the same first loss."""
+    run("benchmarks/scan_compile.py", "--hidden", "64", "--blocks", "1x2",
+        "--steps", "2", "--latent-hw", "2", "--text-len", "4", "--runs", "1",
+        "--out", str(tmp_path))
+    import json
+
+    rows = json.loads((tmp_path / "scan_compile.json").read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["unrolled", "scan_blocks"]
+    assert all(r["compile_s"] > 0 and r["step_s"] > 0 for r in rows)
+    assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) <= 1e-4 * max(
+        1.0, abs(rows[0]["first_loss"]))
+    assert "| 1x2 | scan_blocks |" in (tmp_path / "scan_compile.md").read_text()
 
 
 def test_mechanism_tiny(tmp_path):

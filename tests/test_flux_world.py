@@ -114,6 +114,9 @@ def test_paper_run_variants():
     assert pick.world.tiny and pick.world.height == 16
     for config in (hps, pick):
         assert flux_world.eval_judges(config.world) == list(flux_world.PAPER_JUDGES)
+    lora_run = load_config(CONFIG + ":hpsv21,lora")
+    assert lora_run.lora.enabled and lora_run.lora.rank == 64 and lora_run.world.scan_blocks
+    assert not hps.world.scan_blocks
     refl = load_config(CONFIG + ":refl,pickscore")  # a method without alpha
     assert refl.method.name == "refl" and refl.method.hinge_lambda == 0.4
     assert flux_world.eval_judges(load_config(CONFIG).world) == ["clip_score"]
@@ -261,3 +264,60 @@ def test_stale_embeddings_are_a_one_line_error(cache, embedded, tmp_path):
     missing = tiny_config(cache, embeddings=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="--config.task=embed"):
         flux_world.build(missing)
+
+
+def test_scan_blocks_lora_run_matches_per_block_and_exports_per_block_files(cache, embedded,
+                                                                           tmp_path):
+    """`world.scan_blocks=True`: the transformer streams into the stacked layout and LoRA
+    stacks its adapters, with the per-block world's params and velocity; such a run trains,
+    refuses to resume as a per-block run, and exports per-block files."""
+    from leapalign_jax import checkpoint, tasks
+    from leapalign_jax.models import lora
+    from leapalign_jax.models.flux import stack_blocks, unstack_blocks
+    from leapalign_jax.weights.flux import load_flux
+    from leapalign_jax.world import build_world
+
+    def config_for(scan, steps=1):
+        config = tiny_config(cache, embeddings=embedded, scan_blocks=scan)
+        config.lora.update(dict(enabled=True, rank=2, alpha=4.0))
+        config.train.update(dict(steps=steps, image_every=0, checkpoint_every=1))
+        return config
+
+    per_block, scanned = build_world(config_for(False)), build_world(config_for(True))
+    assert scanned.model.scan_blocks and "double_blocks" in scanned.frozen["base"]
+    as_stacked = lambda tree: stack_blocks(tree, per_block.model)  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, as_stacked(per_block.frozen["base"]),
+                 scanned.frozen["base"])
+    jax.tree.map(np.testing.assert_array_equal, as_stacked(per_block.params), scanned.params)
+
+    # Trained-looking adapters (B != 0): the same velocity in both layouts.
+    rng = np.random.default_rng(0)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: rng.standard_normal(x.shape).astype(np.float32) * 0.3
+        if p[-1].key == "lora_b" else np.asarray(x), per_block.params)
+    batch = per_block.train_batch(0)
+    x = rng.standard_normal((4,) + per_block.pipe.latent_shape).astype(np.float32)
+    sigma = np.full((4,), 0.7, np.float32)
+    velocities = [jax.jit(w.pipe.velocity)(w.velocity_params(a, w.frozen), x, sigma,
+                                           batch["cond"])
+                  for w, a in ((per_block, adapters), (scanned, as_stacked(adapters)))]
+    np.testing.assert_allclose(velocities[1], velocities[0], rtol=1e-5, atol=1e-5)
+    assert np.abs(velocities[0] - jax.jit(per_block.pipe.velocity)(
+        per_block.frozen["base"], x, sigma, batch["cond"])).max() > 1e-3
+
+    run = str(tmp_path / "run")
+    state = train.train_and_evaluate(config_for(True), run, scanned)
+    assert int(state.step) == 1
+    with pytest.raises(checkpoint.CheckpointError, match="param_layout"):
+        train.train_and_evaluate(config_for(False, steps=2), run, per_block)
+
+    config = config_for(True)
+    config.task = "export"
+    out = tasks.run(config, run)
+    merged = unstack_blocks(jax.device_get(lora.merge(scanned.frozen["base"],
+                                                      state.ema_params, config.lora)),
+                            scanned.model)
+    _, exported = load_flux(out["diffusers"])
+    assert "double_blocks_0" in exported
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 exported, merged)

@@ -14,7 +14,8 @@ import pytest
 
 from leapalign_jax import parallel
 from leapalign_jax.models import lora
-from leapalign_jax.models.flux import DenseGeneral, Flux, abstract_params, tiny_config
+from leapalign_jax.models.flux import (DenseGeneral, Flux, abstract_params, stack_blocks,
+                                       tiny_config, unstack_blocks)
 from leapalign_jax.weights.flux import load_flux, save_flux_bfl, save_flux_diffusers
 
 CONFIG = tiny_config(depth=2, depth_single_blocks=1)
@@ -276,6 +277,51 @@ def test_abstract_axes_and_shardings():
                                                                      jax.devices()[:1]))
     placed = jax.device_put(real, shardings)
     assert jax.tree.structure(placed) == jax.tree.structure(real)
+
+
+def test_scan_blocks_adapters_are_the_stacked_per_block_ones():
+    """A `scan_blocks` model's adapters: the stack of the per-block ones (init, axes), the
+    same loss and gradient through `nn.scan`, the same merge; a target matching only some
+    layers of a stack is an error."""
+    config = tiny_config(depth=2, depth_single_blocks=2)
+    scanned = dataclasses.replace(config, scan_blocks=True)
+    base = _random_params(config)
+    stacked_base = stack_blocks(base, config)
+    init = lora.init_lora(base, CFG, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal,
+                 lora.init_lora(stacked_base, CFG, jax.random.key(0)), stack_blocks(init, config))
+    axes = flax.traverse_util.flatten_dict(lora.lora_axes(abstract_params(scanned), CFG))
+    assert tuple(axes[("double_blocks", "block", "img_attn", "qkv", "lora_b")]) == (
+        "layers", None, None, "heads", "kv")
+    assert tuple(axes[("single_blocks", "block", "linear2", "attn", "lora_a")]) == (
+        "layers", "heads", "kv", None)
+
+    adapters = _perturbed(init)
+    x = _inputs(config)
+
+    def loss(model_config, params, lora_params):
+        return jnp.sum(jnp.sin(_forward_traced(model_config, lora.attach(params, lora_params,
+                                                                          CFG), x)))
+
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(loss, config, base)))(adapters)
+    value_s, grad_s = jax.jit(jax.value_and_grad(functools.partial(loss, scanned,
+                                                                   stacked_base)))(
+        stack_blocks(adapters, config))
+    np.testing.assert_allclose(value_s, value, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 grad_s, stack_blocks(grad, config))
+    merged = lora.merge(stacked_base, stack_blocks(adapters, config), CFG)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 unstack_blocks(merged, config), lora.merge(base, adapters, CFG))
+    with pytest.raises(ValueError, match="only some layers"):
+        lora.init_lora(stacked_base, lora.lora_config(targets=[r"single_blocks_[01]/linear1/qkv"]),
+                       jax.random.key(0))
+
+
+def _forward_traced(config, params, x):
+    batched = lambda ids: jnp.broadcast_to(ids, (B,) + ids.shape)  # noqa: E731
+    return Flux(config).apply({"params": params}, x["img"], batched(x["img_ids"]), x["txt"],
+                              batched(x["txt_ids"]), x["timesteps"], x["y"], x["guidance"])
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -21,19 +21,22 @@ from tests.devices import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(r"""
-    import collections, json, os, sys
+    import collections, dataclasses, functools, json, os, sys
     import flax, jax, ml_dtypes, numpy as np
     from leapalign_jax import parallel
     from leapalign_jax.models import flux as flux_model
     from leapalign_jax.weights import files, sharded
     from leapalign_jax.weights.autoencoder import load_autoencoder
     from leapalign_jax.weights.flux import load_flux, save_flux_bfl
-    from leapalign_jax.weights.flux_folder import write_tiny_flux_folder
+    from leapalign_jax.weights.flux_folder import tiny_flux_configs, write_tiny_flux_folder
     from leapalign_jax.weights.t5 import load_t5
 
     assert jax.device_count() == 8, jax.devices()
     folder = sys.argv[1]
-    write_tiny_flux_folder(folder, seed=3)
+    # Two double and three single blocks, so the stacked layout has layers to stack.
+    tiny = tiny_flux_configs()
+    write_tiny_flux_folder(folder, seed=3, configs=dataclasses.replace(tiny, 
+        transformer=flux_model.tiny_config(mlp_ratio=4.0, depth=2, depth_single_blocks=3)))
 
     # Spies: every callback's returned slice, device_put calls, tensor reads per key.
     calls, puts, reads = [], [], collections.Counter()
@@ -79,16 +82,21 @@ SCRIPT = textwrap.dedent(r"""
         mesh = parallel.make_mesh(shape)
         for name, load, ref_load, abstract, kwargs in [
             ("flux", sharded.load_flux_sharded, load_flux, flux_model.abstract_params, {}),
+            # The scan_blocks layout: blocks streamed into their stacked leaves.
+            ("flux_scan", functools.partial(sharded.load_flux_sharded, scan_blocks=True),
+             functools.partial(load_flux, scan_blocks=True), None, {}),
             ("t5", sharded.load_t5_sharded, load_t5, None, {"dtype": "bfloat16"}),
             ("vae", sharded.load_autoencoder_sharded, load_autoencoder, None, {}),
         ]:
-            sub = {"flux": "transformer", "t5": "text_encoder_2", "vae": "vae"}[name]
+            sub = {"flux": "transformer", "flux_scan": "transformer", "t5": "text_encoder_2",
+                   "vae": "vae"}[name]
             calls.clear(); puts.clear(); reads.clear()
             config, params = load(os.path.join(folder, sub), mesh, **kwargs)
             record = dict(reads)
             n_calls, n_puts = list(calls), len(puts)
             dtype = np.dtype(ml_dtypes.bfloat16) if kwargs else np.dtype(np.float32)
-            if name == "flux":
+            if name.startswith("flux"):
+                assert config.scan_blocks == (name == "flux_scan")
                 abs_tree = flux_model.abstract_params(config)
             elif name == "t5":
                 from leapalign_jax.models.t5 import abstract_t5_params
@@ -132,6 +140,17 @@ SCRIPT = textwrap.dedent(r"""
             out["missing_error"] = None
         except ValueError as err:
             out["missing_error"] = str(err)
+    # A stacked leaf needs every layer: a missing block is named with its layer.
+    scanned = flux_model.abstract_params(flux_model.dataclasses.replace(config, scan_blocks=True))
+    with __import__("contextlib").ExitStack() as stack:
+        _, readers = flux_readers(os.path.join(folder, "transformer"), stack)
+        readers.pop(("double_blocks_1", "img_attn", "qkv", "kernel"))
+        try:
+            sharded.load_sharded(readers, scanned, mesh, source="tiny",
+                                 stacked=flux_model.stacked_path)
+            out["missing_layer_error"] = None
+        except ValueError as err:
+            out["missing_layer_error"] = str(err)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -149,7 +168,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mesh", ["(1, 8, 1)", "(2, 4, 1)", "(2, 2, 2)"])
-@pytest.mark.parametrize("component", ["flux", "t5", "vae"])
+@pytest.mark.parametrize("component", ["flux", "flux_scan", "t5", "vae"])
 def test_each_shard_is_its_slice_of_the_file(results, component, mesh):
     r = results[component + mesh]
     # The array's sharding is the logical sharding, and each shard equals the unsharded
@@ -173,6 +192,12 @@ def test_readers_that_do_not_fit_the_model_are_one_error(results):
     message = results["missing_error"]
     assert message is not None and message.startswith("tiny: ")
     assert "img_in/kernel" in message.splitlines()[0]
+
+
+def test_a_missing_layer_of_a_stacked_leaf_is_named(results):
+    message = results["missing_layer_error"]
+    assert message is not None and message.startswith("tiny: ")
+    assert "double_blocks/block/img_attn/qkv/kernel[1]" in message.splitlines()[0]
 
 
 def test_shard_reader_checks_the_tensor_shape():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -80,8 +81,9 @@ class FluxConfig:
         one double and one single block instead of 19 + 38 (minutes instead of hours for
         FLUX.1-dev's train step on CPU). The params are then stacked per kind,
         `double_blocks/block/...` and `single_blocks/block/...` with a leading "layers"
-        axis (`stack_blocks` / `unstack_blocks` convert); loaders, exporters and LoRA use
-        the per-block layout.
+        axis (`stack_blocks` / `unstack_blocks` convert). The sharded loader streams
+        straight into this layout, LoRA stacks its adapters the same way, and exports
+        unstack to the per-block files.
     """
 
     in_channels: int = 64
@@ -547,6 +549,31 @@ def stack_blocks(params: Any, config: FluxConfig) -> Any:
             blocks = [params[f"{kind}_{i}"] for i in range(n)]
             out[kind] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
     return out
+
+
+_BLOCK = re.compile(r"(double_blocks|single_blocks)_(\d+)")
+STACKS = ("double_blocks", "single_blocks")
+
+
+def stacked_path(path: Sequence[str]) -> tuple[tuple[str, ...], int] | None:
+    """A per-block leaf path ("double_blocks_3", "img_attn", ...) -> its `scan_blocks`
+    path ("double_blocks", "block", "img_attn", ...) and layer 3; None outside the blocks."""
+    m = _BLOCK.fullmatch(path[0]) if path else None
+    return None if m is None else ((m[1], "block") + tuple(path[1:]), int(m[2]))
+
+
+def is_stacked(path: Sequence[str]) -> bool:
+    """Whether `path` lies in a `scan_blocks` stack (its leaves have a leading layer axis)."""
+    return len(path) > 1 and path[0] in STACKS and path[1] == "block"
+
+
+def layer_names(module: Sequence[str], layers: int) -> list[str]:
+    """The per-block module names ("double_blocks_<i>/img_attn/qkv") of a stacked module
+    path (`layers` of them), or the one name of a per-block path."""
+    if not is_stacked(module):
+        return ["/".join(module)]
+    rest = "/".join(module[2:])
+    return [f"{module[0]}_{i}/{rest}".rstrip("/") for i in range(layers)]
 
 
 def unstack_blocks(params: Any, config: FluxConfig) -> Any:

@@ -21,7 +21,11 @@ only the adapters: `attach` puts each adapter beside its kernel and the model co
 `merge` forms `W + (alpha / r) A @ B` for export.
 
 The tree mirrors the model's module paths: `double_blocks_0/img_attn/qkv/{lora_a, lora_b}`
-adapts `double_blocks_0/img_attn/qkv/kernel`.
+adapts `double_blocks_0/img_attn/qkv/kernel`. A `scan_blocks` model stacks its blocks
+(`double_blocks/block/img_attn/qkv/kernel`, shape (layers, in..., out...)), and its
+adapters stack the same way: A (layers, in..., r), B (layers, r, out...), layer i equal to
+the per-block adapter of block i (same init), so `nn.scan` hands each block its own slice.
+Targets are still matched against the per-block names; a stack is adapted whole.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from leapalign_jax.models.flux import kernel_in_dims
+from leapalign_jax.models.flux import is_stacked, kernel_in_dims, layer_names
 
 Params = dict[str, Any]
 
@@ -94,9 +98,14 @@ def _targets(params: Params, cfg: Any) -> dict[tuple[str, ...], tuple[tuple[str,
     for path, leaf in flat.items():
         if path[-1] != "kernel":
             continue
-        name = "/".join(path[:-1])
-        if any(re.fullmatch(pattern, name) for pattern in cfg.targets):
+        names = layer_names(path[:-1], _unboxed_shape(leaf)[0])
+        hits = [any(re.fullmatch(pattern, name) for pattern in cfg.targets) for name in names]
+        if all(hits):
             found[path[:-1]] = (path, leaf)
+        elif any(hits):
+            raise ValueError(f"LoRA targets {list(cfg.targets)} match only some layers of the "
+                             f"stacked {'/'.join(path[:-1])}; a scan_blocks model adapts whole "
+                             "stacks: match every block, or set scan_blocks=False")
     if not found:
         raise ValueError(f"LoRA targets {list(cfg.targets)} match no kernel; module paths "
                          "look like 'double_blocks_0/img_attn/qkv', fix lora.targets")
@@ -107,31 +116,43 @@ def _unboxed_shape(leaf: Any) -> tuple[int, ...]:
     return tuple(nn.meta.unbox(leaf).shape)
 
 
+def _layer_dims(kernel_path: tuple[str, ...]) -> int:
+    """1 for a stacked (`scan_blocks`) kernel's leading layer axis, else 0."""
+    return int(is_stacked(kernel_path))
+
+
 def _adapter_shapes(kernel_path: tuple[str, ...], shape: tuple[int, ...],
                     rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    n = kernel_in_dims(kernel_path)
-    return shape[:n] + (rank,), (rank,) + shape[n:]
+    lead = _layer_dims(kernel_path)
+    n = lead + kernel_in_dims(kernel_path)
+    return shape[:n] + (rank,), shape[:lead] + (rank,) + shape[n:]
 
 
 def init_lora(params: Params, cfg: Any, rng: jax.Array) -> Params:
     """Adapters for every targeted kernel of `params`: A random, B zero.
 
     A ~ N(0, 1 / fan_in) (fan_in = the kernel's input width), drawn from `rng` folded with
-    a hash of the path, so an adapter's init does not depend on which others exist.
+    a hash of the per-block path, so an adapter's init does not depend on which others
+    exist, nor on the layout (a stacked adapter is the stack of the per-block ones).
 
     Raises:
       ValueError: a bad config (rank, dropout, targets) or targets matching no kernel.
     """
     tree: Params = {}
     for module, (kernel_path, leaf) in sorted(_targets(nn.meta.unbox(params), cfg).items()):
-        a_shape, b_shape = _adapter_shapes(kernel_path, _unboxed_shape(leaf), cfg.rank)
-        key = jax.random.fold_in(rng, zlib.crc32("/".join(module).encode()))
-        fan_in = math.prod(a_shape[:-1])
-        a = jax.random.normal(key, a_shape, jnp.float32) / math.sqrt(fan_in)
+        shape = _unboxed_shape(leaf)
+        a_shape, b_shape = _adapter_shapes(kernel_path, shape, cfg.rank)
+        lead = _layer_dims(kernel_path)
+        layer_shape = a_shape[lead:]
+        fan_in = math.prod(layer_shape[:-1])
+        layers = [jax.random.normal(jax.random.fold_in(rng, zlib.crc32(name.encode())),
+                                    layer_shape, jnp.float32) / math.sqrt(fan_in)
+                  for name in layer_names(module, shape[0])]
         node = tree
         for name in module:
             node = node.setdefault(name, {})
-        node["lora_a"], node["lora_b"] = a, jnp.zeros(b_shape, jnp.float32)
+        node["lora_a"] = jnp.stack(layers) if lead else layers[0]
+        node["lora_b"] = jnp.zeros(b_shape, jnp.float32)
     return tree
 
 
@@ -139,7 +160,8 @@ def lora_abstract(abstract_params: Any, cfg: Any) -> Params:
     """Abstract adapters (`jax.ShapeDtypeStruct`s) boxed with logical axis names.
 
     `abstract_params` is the model's boxed abstract tree (`flux.abstract_params(config)`).
-    A takes the kernel's input names plus None, B None plus its output names, so
+    A takes the kernel's input names plus None, B None plus its output names (a stacked
+    adapter keeps the kernel's leading "layers" name on both), so
     `parallel.logical_shardings(lora_abstract(...), mesh)` shards each adapter like the
     kernel it adapts.
     """
@@ -148,7 +170,8 @@ def lora_abstract(abstract_params: Any, cfg: Any) -> Params:
     for module, (kernel_path, leaf) in _targets(abstract_params, cfg).items():
         shape = _unboxed_shape(leaf)
         names = tuple(specs.get(kernel_path) or (None,) * len(shape))
-        n = kernel_in_dims(kernel_path)
+        lead = _layer_dims(kernel_path)
+        n = lead + kernel_in_dims(kernel_path)
         a_shape, b_shape = _adapter_shapes(kernel_path, shape, cfg.rank)
         box = lambda s, axes: nn.Partitioned(  # noqa: E731
             jax.ShapeDtypeStruct(s, jnp.float32), names=axes)
@@ -156,7 +179,7 @@ def lora_abstract(abstract_params: Any, cfg: Any) -> Params:
         for name in module:
             node = node.setdefault(name, {})
         node["lora_a"] = box(a_shape, names[:n] + (None,))
-        node["lora_b"] = box(b_shape, (None,) + names[n:])
+        node["lora_b"] = box(b_shape, names[:lead] + (None,) + names[n:])
     return tree
 
 
@@ -165,8 +188,12 @@ def lora_axes(abstract_params: Any, cfg: Any) -> Any:
     return nn.get_partition_spec(lora_abstract(abstract_params, cfg))
 
 
-def delta(lora_a: jax.Array, lora_b: jax.Array, alpha: float) -> jax.Array:
-    """(alpha / r) * A @ B contracting r: the update of a kernel (in..., out...)."""
+def delta(lora_a: jax.Array, lora_b: jax.Array, alpha: float, layers: bool = False
+          ) -> jax.Array:
+    """(alpha / r) * A @ B contracting r: the update of a kernel (in..., out...), or of each
+    layer of a stacked kernel (layers, in..., out...) when `layers`."""
+    if layers:
+        return jax.vmap(delta, (0, 0, None))(lora_a, lora_b, alpha)
     rank = lora_a.shape[-1]
     product = jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
     return (alpha / rank) * product
@@ -183,8 +210,10 @@ def _adapted(params: Params, lora_params: Params, cfg: Any):
         if kernel_path not in flat or a is None or b is None:
             raise ValueError(f"LoRA adapter {'/'.join(module)} has no kernel in params (or "
                              "lacks lora_a / lora_b); init the adapters from these params")
-        shape = tuple(a.shape[:-1]) + tuple(b.shape[1:])
-        if shape != tuple(flat[kernel_path].shape) or a.shape[-1] != b.shape[0]:
+        lead = _layer_dims(kernel_path)
+        shape = tuple(a.shape[:-1]) + tuple(b.shape[lead + 1:])
+        if (shape != tuple(flat[kernel_path].shape) or a.shape[-1] != b.shape[lead]
+                or a.shape[:lead] != b.shape[:lead]):
             raise ValueError(f"LoRA adapter {'/'.join(module)}: A @ B has shape "
                              f"{shape}, the kernel {tuple(flat[kernel_path].shape)}; init the "
                              "adapters from these params")
@@ -223,7 +252,8 @@ def merge(params: Params, lora_params: Params, cfg: Any) -> Params:
     flat, adapted = _adapted(params, lora_params, cfg)
     for kernel_path, a, b in adapted:
         kernel = flat[kernel_path]
-        flat[kernel_path] = (kernel + delta(a, b, cfg.alpha)).astype(kernel.dtype)
+        update = delta(a, b, cfg.alpha, layers=bool(_layer_dims(kernel_path)))
+        flat[kernel_path] = (kernel + update).astype(kernel.dtype)
     return flax.traverse_util.unflatten_dict(flat)
 
 

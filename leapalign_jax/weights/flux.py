@@ -31,7 +31,7 @@ import flax.linen as nn
 import numpy as np
 from safetensors.numpy import save_file
 
-from leapalign_jax.models.flux import FluxConfig, abstract_params, kernel_in_dims
+from leapalign_jax.models.flux import FluxConfig, abstract_params, kernel_in_dims, stack_blocks
 from leapalign_jax.weights.files import (Readers, Shapes, Tensors, check_shapes, float_dtype,
                                          materialize, read_json, weight_files)
 
@@ -307,7 +307,8 @@ def read_flux_config(path: str | os.PathLike, *,
 
 
 def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
-              axes_dim: tuple[int, ...] | None = None) -> tuple[FluxConfig, Params]:
+              axes_dim: tuple[int, ...] | None = None, scan_blocks: bool = False
+              ) -> tuple[FluxConfig, Params]:
     """Loads a FLUX.1 transformer checkpoint as `(config, params)`.
 
     `params` is the plain (unboxed) tree for `Flux(config).apply({"params": params}, ...)`.
@@ -319,6 +320,7 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
         host memory).
       axes_dim: rotary dims per id axis, for BFL files whose head dim is not 128 (FLUX.1
         uses (16, 56, 56)); diffusers folders read it from config.json.
+      scan_blocks: return the stacked `scan_blocks` layout (and a config saying so).
 
     Raises:
       FileNotFoundError: the path, its config.json or its weight files do not exist.
@@ -328,7 +330,10 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = np.float32,
     dtype = float_dtype(dtype)
     with contextlib.ExitStack() as stack:
         config, readers = flux_readers(path, stack, axes_dim=axes_dim)
-        return config, materialize(readers, dtype)
+        params = materialize(readers, dtype)
+    if scan_blocks:
+        return dataclasses.replace(config, scan_blocks=True), stack_blocks(params, config)
+    return config, params
 
 
 def flux_readers(path: str | os.PathLike, stack: contextlib.ExitStack, *,

@@ -8,6 +8,8 @@ current tensor is read and cast once, each addressable device copies its slice, 
 host copy is dropped before the next tensor is read. Host memory therefore grows with the
 largest tensor, never with the model, and no device ever holds a full copy of a sharded
 leaf (on a pod each process reads only the tensors' bytes and builds only its shards).
+A model that stacks its layers (a `scan_blocks` Flux) is filled layer by layer the same
+way, each layer's shards written into the stacked leaf in place.
 
 The dtype is an explicit argument per component: the trained transformer's master params
 default to float32 (a bf16 file is upcast), frozen components (T5, VAE) may ask for
@@ -21,6 +23,7 @@ bfloat16. A file is never narrowed unless the caller says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
@@ -28,7 +31,8 @@ import flax
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from leapalign_jax import parallel
 from leapalign_jax.models import autoencoder as vae_model
@@ -50,18 +54,36 @@ def leaf_shardings(abstract: Any, mesh: Mesh, rules: Rules = parallel.DEFAULT_RU
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(shardings))
 
 
-def _check_paths(source: str, readers: Readers, shapes: dict[tuple[str, ...], Any]) -> None:
-    missing = sorted("/".join(p) for p in shapes if p not in readers)
-    unexpected = sorted("/".join(p) for p in readers if p not in shapes)
+Stacking = Callable[[tuple[str, ...]], "tuple[tuple[str, ...], int] | None"]
+
+
+def _targets(source: str, readers: Readers, shapes: dict[tuple[str, ...], Any],
+             stacked: Stacking | None) -> dict[tuple[str, ...], tuple[tuple[str, ...], Any]]:
+    """Reader path -> (model leaf path, layer of a stacked leaf or None), after checking
+    that the readers cover every leaf (every layer of a stacked one) exactly."""
+    where = {p: ((stacked(p) if stacked else None) or (p, None)) for p in readers}
+    covered: dict[tuple[str, ...], set] = {}
+    unexpected = []
+    for path, (leaf, layer) in where.items():
+        if leaf not in shapes or (layer is not None and not 0 <= layer < shapes[leaf].shape[0]):
+            unexpected.append("/".join(path))
+        else:
+            covered.setdefault(leaf, set()).add(layer)
+    missing = ["/".join(p) for p in shapes if p not in covered]
+    for leaf, layers in covered.items():
+        if None not in layers:  # a stacked leaf: every layer needs its reader
+            missing += [f"{'/'.join(leaf)}[{i}]" for i in range(shapes[leaf].shape[0])
+                        if i not in layers]
     if missing or unexpected:
         raise ValueError(f"{source}: the checkpoint's leaves do not match the model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); pass the "
-                         "abstract params of the model these readers were built for")
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
+                         "pass the abstract params of the model these readers were built for")
+    return where
 
 
 def load_sharded(readers: Readers, abstract: Any, mesh: Mesh,
                  rules: Rules = parallel.DEFAULT_RULES, dtype: Any = np.float32, *,
-                 source: str = "checkpoint") -> Params:
+                 source: str = "checkpoint", stacked: Stacking | None = None) -> Params:
     """Builds the param tree of `readers` directly on `mesh`, one tensor at a time.
 
     Args:
@@ -71,6 +93,11 @@ def load_sharded(readers: Readers, abstract: Any, mesh: Mesh,
       mesh, rules: the device mesh and logical-axis rules (`parallel.DEFAULT_RULES`).
       dtype: dtype of every built leaf (float32 default; "bfloat16" for frozen parts).
       source: names the checkpoint in errors.
+      stacked: for a model that stacks its layers on a leading axis (a `scan_blocks`
+        Flux: `models.flux.stacked_path`), maps a reader's per-layer path to (the stacked
+        leaf's path, the layer). Each layer is built on its shards and written into a
+        donated stacked buffer, so beyond the model the host holds one layer's tensor and
+        each device one layer's shard.
 
     Returns:
       The plain (unboxed) nested param dict of global `jax.Array`s, each laid out by its
@@ -82,13 +109,26 @@ def load_sharded(readers: Readers, abstract: Any, mesh: Mesh,
     dtype = float_dtype(dtype)
     shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(abstract)))
     shardings = leaf_shardings(abstract, mesh, rules)
-    _check_paths(source, readers, shapes)
+    where = _targets(source, readers, shapes, stacked)
     flat = {}
     for path, read in readers.items():  # readers' order: parts of one tensor together
-        shape = tuple(shapes[path].shape)
-        flat[path] = jax.make_array_from_callback(
-            shape, shardings[path], _shard_reader(read, shape, dtype, source, path))
+        leaf, layer = where[path]
+        shape, sharding = tuple(shapes[leaf].shape), shardings[leaf]
+        if layer is None:
+            flat[leaf] = jax.make_array_from_callback(
+                shape, sharding, _shard_reader(read, shape, dtype, source, path))
+            continue
+        layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
+        part = jax.make_array_from_callback(
+            shape[1:], layer_sharding, _shard_reader(read, shape[1:], dtype, source, path))
+        if leaf not in flat:
+            flat[leaf] = jax.jit(lambda s=shape: jnp.zeros(s, dtype), out_shardings=sharding)()
+        flat[leaf] = _set_layer(flat[leaf], part, np.int32(layer))
     return flax.traverse_util.unflatten_dict(flat)
+
+
+# Writes one layer into its stacked leaf in place (the buffer is donated).
+_set_layer = jax.jit(lambda stack, part, i: stack.at[i].set(part), donate_argnums=0)
 
 
 def _shard_reader(read: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: np.dtype,
@@ -116,13 +156,17 @@ def _shard_reader(read: Callable[[], np.ndarray], shape: tuple[int, ...], dtype:
 
 
 def load_flux_sharded(path: str | os.PathLike, mesh: Mesh, rules: Rules = parallel.DEFAULT_RULES,
-                      *, dtype: Any = np.float32, axes_dim: tuple[int, ...] | None = None
-                      ) -> tuple[flux_model.FluxConfig, Params]:
-    """`load_flux` onto `mesh`: float32 master params by default, whatever the file holds."""
+                      *, dtype: Any = np.float32, axes_dim: tuple[int, ...] | None = None,
+                      scan_blocks: bool = False) -> tuple[flux_model.FluxConfig, Params]:
+    """`load_flux` onto `mesh`: float32 master params by default, whatever the file holds.
+    With `scan_blocks` the blocks stream straight into the stacked layout (the returned
+    config has scan_blocks=True)."""
     with contextlib.ExitStack() as stack:
         config, readers = flux_readers(path, stack, axes_dim=axes_dim)
+        config = dataclasses.replace(config, scan_blocks=scan_blocks)
         params = load_sharded(readers, flux_model.abstract_params(config), mesh, rules, dtype,
-                              source=os.fspath(path))
+                              source=os.fspath(path),
+                              stacked=flux_model.stacked_path if scan_blocks else None)
     return config, params
 
 
