@@ -39,6 +39,10 @@ def tiny(config):
     """Seconds-long variant of the config, for tests and smoke checks."""
     w = config.world
     w.ae_steps = w.reward_steps = 20
+    # A narrower, shallower generator: every compile of a smoke run (train step, sampler,
+    # evaluation) shrinks with it.
+    w.model.update(dict(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
+                        text_dim=32, text_width=32, text_depth=1))
     w.model.pretrain_steps = 20
     w.model.pretrain_batch = 16
     w.reward_tuning.update(rounds=1, prompts=8, chunk=8, ascent=(0, 2), steps=3, batch=4,

@@ -58,21 +58,6 @@ def test_flux_accelerator_lora_and_flops_from_shapes():
     assert "train_s_per_iter" not in shape_lines
 
 
-def test_scan_compile_tiny(tmp_path):
-    """Both layouts compile and run from the same weights to the same first loss."""
-    run("benchmarks/scan_compile.py", "--hidden", "64", "--blocks", "1x2",
-        "--steps", "2", "--latent-hw", "2", "--text-len", "4", "--runs", "1",
-        "--out", str(tmp_path))
-    import json
-
-    rows = json.loads((tmp_path / "scan_compile.json").read_text())["rows"]
-    assert [r["layout"] for r in rows] == ["unrolled", "scan_blocks"]
-    assert all(r["compile_s"] > 0 and r["step_s"] > 0 for r in rows)
-    assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) <= 1e-4 * max(
-        1.0, abs(rows[0]["first_loss"]))
-    assert "| 1x2 | scan_blocks |" in (tmp_path / "scan_compile.md").read_text()
-
-
 def test_mechanism_tiny(tmp_path):
     run("benchmarks/mechanism.py", "--world", "random_flux", "--methods", "leapalign",
         "--batches", "1", "--batch-size", "2", "--num-steps", "3", "--out", str(tmp_path))
