@@ -283,7 +283,7 @@ def test_scan_blocks_adapters_are_the_stacked_per_block_ones():
     """A `scan_blocks` model's adapters: the stack of the per-block ones (init, axes), the
     same loss and gradient through `nn.scan`, the same merge; a target matching only some
     layers of a stack is an error."""
-    config = tiny_config(depth=2, depth_single_blocks=2)
+    config = tiny_config(depth=2, depth_single_blocks=1)
     scanned = dataclasses.replace(config, scan_blocks=True)
     base = _random_params(config)
     stacked_base = stack_blocks(base, config)
@@ -314,7 +314,7 @@ def test_scan_blocks_adapters_are_the_stacked_per_block_ones():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                  unstack_blocks(merged, config), lora.merge(base, adapters, CFG))
     with pytest.raises(ValueError, match="only some layers"):
-        lora.init_lora(stacked_base, lora.lora_config(targets=[r"single_blocks_0/linear1/qkv"]),
+        lora.init_lora(stacked_base, lora.lora_config(targets=[r"double_blocks_0/img_attn/qkv"]),
                        jax.random.key(0))
 
 
