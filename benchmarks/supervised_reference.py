@@ -9,9 +9,9 @@ reward or the generator is the limit: the same generator (text encoder frozen, a
 alignment) is fine-tuned with its own rectified-flow pretraining loss on exact renders of
 train prompts (a random scene that satisfies each prompt: images the checker accepts),
 with alignment's optimizer (AdamW after global-norm clipping, the EMA evaluated), batch
-and iteration budget, and evaluated on the same
-held-out prompts, checker and FD as every method. It is a reference, not a method: it
-reads the scene renderer, which no alignment method can. Beside it, the base's accuracy
+and iteration budget, and evaluated on the same held-out prompts, checker and FD as every
+method. It is a reference, not a method: it reads the scene renderer, which no alignment
+method can. Beside it, the base's accuracy
 when any of N samples of a prompt may pass (the checker picks): how much of the task lies
 in what the base already samples, which a method that concentrates the base's mass could
 reach.
@@ -40,7 +40,6 @@ from leapalign_jax.toy import world as shapes_world  # noqa: E402
 from leapalign_jax.world import build_world  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 def finetune(config, world, models, lr: float, args) -> list[dict]:
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = "python benchmarks/supervised_reference.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
-    cols = ["acc_overall"] + [f"acc_{c}" for c in CATEGORIES] + ["fd"]
+    cols = ["acc_overall"] + [f"acc_{c}" for c in prompts.CATEGORIES] + ["fd"]
     lines = ["# Supervised reference: the generator fine-tuned on exact renders", "",
              f"`{command}` on {machine}, seed {args.seed}, {elapsed:.0f} s in all.", "",
              f"Flux of the shipped generator (text encoder frozen), rectified-flow loss on "

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 SLOW_FILES_FIRST = ("test_toy_pipeline.py", "test_robustness.py", "test_train.py",
                     "test_multihost.py", "test_benchmarks_smoke.py", "test_flux_world.py",
                     "test_parallel.py", "test_toy_world.py", "test_flux.py",
+                    "test_sharded_loading.py",
                     "test_baselines.py", "test_lora_training.py", "test_plan.py",
                     "test_autoencoder.py", "test_rewards.py", "test_anchor.py",
                     "test_reference.py", "test_flux_pipeline.py", "test_tasks.py",
