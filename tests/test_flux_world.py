@@ -23,9 +23,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from leapalign_jax import data, embeddings, flux_world, methods, parallel, rewards, train
+from leapalign_jax import (checkpoint, data, embeddings, flux_world, methods, parallel, rewards,
+                           tasks, train)
 from leapalign_jax.config_lib import load_config
+from leapalign_jax.models import lora
+from leapalign_jax.models.flux import stack_blocks, unstack_blocks
 from leapalign_jax.weights import flux_folder
+from leapalign_jax.weights.flux import load_flux
+from leapalign_jax.world import build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "flux_dev.py")
@@ -271,12 +276,6 @@ def test_scan_blocks_lora_run_matches_per_block_and_exports_per_block_files(cach
     """`world.scan_blocks=True`: the transformer streams into the stacked layout and LoRA
     stacks its adapters, with the per-block world's params and velocity; such a run trains,
     refuses to resume as a per-block run, and exports per-block files."""
-    from leapalign_jax import checkpoint, tasks
-    from leapalign_jax.models import lora
-    from leapalign_jax.models.flux import stack_blocks, unstack_blocks
-    from leapalign_jax.weights.flux import load_flux
-    from leapalign_jax.world import build_world
-
     def config_for(scan, steps=1):
         config = tiny_config(cache, embeddings=embedded, scan_blocks=scan)
         config.lora.update(dict(enabled=True, rank=2, alpha=4.0))

@@ -538,19 +538,6 @@ def _scan(module: type[nn.Module], length: int) -> type[nn.Module]:
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def stack_blocks(params: Any, config: FluxConfig) -> Any:
-    """Per-block params (`double_blocks_<i>`, `single_blocks_<i>`) -> the `scan_blocks`
-    layout (`double_blocks/block/...` stacked on a leading axis)."""
-    out = {k: v for k, v in params.items() if not k.startswith(("double_blocks_",
-                                                                  "single_blocks_"))}
-    for kind, n in (("double_blocks", config.depth), ("single_blocks",
-                                                      config.depth_single_blocks)):
-        if n:
-            blocks = [params[f"{kind}_{i}"] for i in range(n)]
-            out[kind] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    return out
-
-
 _BLOCK = re.compile(r"(double_blocks|single_blocks)_(\d+)")
 STACKS = ("double_blocks", "single_blocks")
 
@@ -567,6 +554,18 @@ def is_stacked(path: Sequence[str]) -> bool:
     return len(path) > 1 and path[0] in STACKS and path[1] == "block"
 
 
+def stack_blocks(params: Any, config: FluxConfig) -> Any:
+    """Per-block params (`double_blocks_<i>`, `single_blocks_<i>`) -> the `scan_blocks`
+    layout (`double_blocks/block/...` stacked on a leading axis)."""
+    out = {k: v for k, v in params.items() if stacked_path((k,)) is None}
+    for kind, n in (("double_blocks", config.depth), ("single_blocks",
+                                                      config.depth_single_blocks)):
+        if n:
+            blocks = [params[f"{kind}_{i}"] for i in range(n)]
+            out[kind] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
 def layer_names(module: Sequence[str], layers: int) -> list[str]:
     """The per-block module names ("double_blocks_<i>/img_attn/qkv") of a stacked module
     path (`layers` of them), or the one name of a per-block path."""
@@ -578,7 +577,7 @@ def layer_names(module: Sequence[str], layers: int) -> list[str]:
 
 def unstack_blocks(params: Any, config: FluxConfig) -> Any:
     """The inverse of `stack_blocks`."""
-    out = {k: v for k, v in params.items() if k not in ("double_blocks", "single_blocks")}
+    out = {k: v for k, v in params.items() if k not in STACKS}
     for kind, n in (("double_blocks", config.depth), ("single_blocks",
                                                       config.depth_single_blocks)):
         for i in range(n):
